@@ -1,0 +1,242 @@
+"""The Classifier: a network with its preprocessing, recipe and history — fit, evaluate, predict, save, load."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .bundle import load_bundle, save_bundle
+from .data import Dataset, load_dataset
+from .data import validation_split as split_last_fraction
+from .errors import BundleError, DeepDigitsError
+from .evaluate import metrics_from_probabilities
+from .models import build_model, count_params, resolve_name, summary, summary_dict
+from .preprocess import DEFAULT_SCALE, to_tensor
+from .train import History, Recipe, default_device, fit, get_recipe
+
+
+class Classifier:
+    """A digit classifier, used the Keras way: ``fit``, ``evaluate``, ``predict``, ``summary``, ``save``.
+
+    >>> clf = Classifier("tutorial-003")                      # doctest: +SKIP
+    >>> clf.fit(ds.x_train, ds.y_train, epochs=1, batch_size=128)  # doctest: +SKIP
+    >>> clf.predict(ds.x_test[:3])                            # doctest: +SKIP
+    array([7, 2, 1])
+    """
+
+    def __init__(
+        self,
+        architecture: str = "tutorial-003",
+        *,
+        class_names: Sequence[str] | None = None,
+        input_scale: float = DEFAULT_SCALE,
+        seed: int | None = 0,
+    ):
+        self.architecture = resolve_name(architecture)
+        self.network = build_model(self.architecture, seed=seed)
+        self.class_names = tuple(class_names) if class_names is not None else tuple(str(d) for d in range(10))
+        self.input_scale = input_scale
+        self.recipe: dict | None = None
+        self.dataset: dict | None = None
+        self.history: list[dict] = []
+        self.interrupted = False
+        self.train_seconds = 0.0
+        self.metrics: dict | None = None
+        self.extra: dict = {}
+
+    # ------------------------------------------------------------------ Keras-style verbs
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int = 1,
+        batch_size: int = 32,
+        optimizer: str = "adam",
+        learning_rate: float = 0.001,
+        loss: str = "cross-entropy",
+        validation_split: float = 0.0,
+        validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+        seed: int = 0,
+        verbose: int = 1,
+    ) -> History:
+        """Train on uint8 images (N, 28, 28) and labels; returns the per-epoch history."""
+        x_train, y_train, x_val, y_val = split_last_fraction(np.asarray(x), np.asarray(y), validation_split)
+        if validation_data is not None:
+            x_val, y_val = validation_data
+        history = fit(
+            self.network,
+            self._tensor(x_train),
+            _labels(y_train),
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            epochs=epochs,
+            x_val=self._tensor(x_val) if len(x_val) else None,
+            y_val=_labels(y_val) if len(y_val) else None,
+            seed=seed,
+            loss=loss,
+            verbose=verbose,
+        )
+        self.network.to("cpu")
+        self.history.extend(history.epochs)
+        self.interrupted = history.interrupted
+        self.train_seconds += history.train_seconds
+        return history
+
+    @torch.no_grad()
+    def predict_proba(self, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
+        """Class probabilities (N, 10) for images (N, 28, 28) or one image (28, 28)."""
+        self.network.eval()
+        x = self._tensor(images)
+        parts = [torch.softmax(self.network(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+        return torch.cat(parts).numpy() if parts else np.zeros((0, len(self.class_names)), np.float32)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """The most probable class of each image."""
+        return self.predict_proba(images).argmax(axis=1)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict:
+        """Test loss, accuracy, per-class precision/recall/F1 and the confusion matrix."""
+        return metrics_from_probabilities(self.predict_proba(x), np.asarray(y), self.class_names)
+
+    def summary(self) -> str:
+        return summary(self.network, self.architecture)
+
+    @property
+    def n_params(self) -> int:
+        return count_params(self.network)
+
+    # ------------------------------------------------------------------ persistence
+
+    def metadata(self) -> dict:
+        return {
+            "architecture": self.architecture,
+            "config": summary_dict(self.network, self.architecture),
+            "class_names": list(self.class_names),
+            "dataset": self.dataset,
+            "preprocessing": {
+                "input_shape": [1, 28, 28],
+                "input_dtype": "uint8 grey levels 0-255, white digit on black as in MNIST",
+                "input_scale": self.input_scale,
+            },
+            "recipe": self.recipe,
+            "history": self.history,
+            "interrupted": self.interrupted,
+            "train_seconds": self.train_seconds,
+            "metrics": self.metrics,
+            "versions": {
+                "deepdigits": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(["deepdigits", *sys.argv[1:]]) if _from_cli() else None,
+            **self.extra,
+        }
+
+    def save(self, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
+        """Write this classifier as a bundle folder (safetensors weights + JSON), atomically."""
+        return save_bundle(path, self.network.state_dict(), self.metadata(), extra_files)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Classifier:
+        """Rebuild a classifier from a bundle folder."""
+        state_dict, meta = load_bundle(path)
+        try:
+            clf = cls(
+                meta["architecture"],
+                class_names=meta.get("class_names"),
+                input_scale=float(meta.get("preprocessing", {}).get("input_scale", DEFAULT_SCALE)),
+                seed=None,
+            )
+        except DeepDigitsError as exc:
+            raise BundleError(f"{path}: {exc}") from None
+        try:
+            clf.network.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            detail = first[1].strip() if len(first) > 1 else first[0]
+            raise BundleError(
+                f"{path}: weights do not match architecture {meta['architecture']!r} ({detail})"
+            ) from None
+        clf.network.eval()
+        clf.recipe = meta.get("recipe")
+        clf.dataset = meta.get("dataset")
+        clf.history = list(meta.get("history") or [])
+        clf.interrupted = bool(meta.get("interrupted", False))
+        clf.train_seconds = float(meta.get("train_seconds") or 0.0)
+        clf.metrics = meta.get("metrics")
+        return clf
+
+    def _tensor(self, images) -> torch.Tensor:
+        return to_tensor(images, self.input_scale)
+
+
+def _labels(y) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(y)).long()
+
+
+def _from_cli() -> bool:
+    return Path(sys.argv[0]).name in ("deepdigits", "__main__.py")
+
+
+def load(path: str | os.PathLike) -> Classifier:
+    """Load a saved model bundle: ``deepdigits.load("runs/cnn").predict(images)``."""
+    return Classifier.load(path)
+
+
+def train_recipe(
+    recipe: str | Recipe = "tutorial-003",
+    *,
+    dataset: str | Dataset | None = None,
+    data_dir: str | os.PathLike | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    seed: int | None = None,
+    verbose: int = 1,
+) -> Classifier:
+    """Train a named recipe on its dataset, evaluate on the test set, and return the classifier.
+
+    The returned classifier carries the recipe, history and test metrics; ``.save(path)`` writes it.
+    """
+    base = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    dataset_name = dataset.name if isinstance(dataset, Dataset) else dataset
+    chosen = base.with_overrides(
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed, dataset=dataset_name
+    )
+    _check_positive(epochs=chosen.epochs, batch_size=chosen.batch_size, learning_rate=chosen.learning_rate)
+    ds = dataset if isinstance(dataset, Dataset) else load_dataset(chosen.dataset, data_dir=data_dir)
+    if verbose:
+        print(f"Data: {ds.name} from {ds.source}", file=sys.stderr)
+        print(f"Recipe: {chosen.name} — {chosen.description} (device: {default_device()})", file=sys.stderr)
+    clf = Classifier(chosen.architecture, class_names=ds.class_names, input_scale=chosen.input_scale,
+                     seed=chosen.seed)
+    clf.recipe = chosen.to_dict()
+    clf.dataset = {"name": ds.name, "source": ds.source, "sha256": ds.checksums}
+    x_train, y_train, x_val, y_val = split_last_fraction(ds.x_train, ds.y_train, chosen.validation_split)
+    clf.fit(
+        x_train, y_train,
+        epochs=chosen.epochs, batch_size=chosen.batch_size, optimizer=chosen.optimizer,
+        learning_rate=chosen.learning_rate, loss=chosen.loss,
+        validation_data=(x_val, y_val) if len(x_val) else None, seed=chosen.seed, verbose=verbose,
+    )
+    if clf.history:
+        clf.metrics = clf.evaluate(ds.x_test, ds.y_test)
+    return clf
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise DeepDigitsError(f"{name.replace('_', '-')}: expected a positive number, got {value}")

@@ -1,0 +1,343 @@
+"""The ``deepdigits`` command line: a thin shell over the library's public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .errors import DeepDigitsError
+
+EPILOG = """\
+examples:
+  deepdigits data info                          where the data comes from, shapes, class counts
+  deepdigits models summary tutorial-003        the network, layer by layer
+  deepdigits train --recipe tutorial-003        train the tutorial's CNN (about 2.5 minutes on 2 CPU cores)
+  deepdigits evaluate runs/tutorial-003         test loss, accuracy, per-class table, confusion matrix
+  deepdigits predict --model runs/tutorial-003 --test-index 0-19
+  deepdigits reproduce                          re-run all five tutorials, ours beside their claims
+
+data: --data-dir DIR, or $DEEPDIGITS_DATA (a folder holding mnist/ and fashion-mnist/), or the user
+cache; otherwise the files are downloaded once, verified by SHA-256.
+"""
+
+
+def _data_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", metavar="DIR",
+        help="folder holding the IDX files (or a folder with mnist/ and fashion-mnist/ inside); "
+        "default: $DEEPDIGITS_DATA, then the user cache, then a download",
+    )
+
+
+def _dataset_option(parser: argparse.ArgumentParser, default: str | None = "mnist") -> None:
+    from .data import DATASETS
+
+    parser.add_argument("--dataset", choices=list(DATASETS), default=default,
+                        help=f"which dataset (default: {default or 'the recipe’s'})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import RECIPES
+
+    parser = argparse.ArgumentParser(
+        prog="deepdigits",
+        description="Recognise handwritten digits with deep learning: data, networks, training, evaluation.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"deepdigits {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # data
+    data = commands.add_parser("data", help="inspect the datasets", description="Inspect the datasets.")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    info = data_commands.add_parser("info", help="source, shapes and class counts of a dataset")
+    _dataset_option(info)
+    _data_dir_option(info)
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    show = data_commands.add_parser("show", help="save a labelled grid of images as PNG")
+    _dataset_option(show)
+    _data_dir_option(show)
+    show.add_argument("--split", choices=["train", "test"], default="train", help="which split (default: train)")
+    show.add_argument("--count", type=int, default=9, metavar="N", help="how many images (default: 9)")
+    show.add_argument("--seed", type=int, default=None,
+                      help="pick images at random with this seed (default: the first N)")
+    show.add_argument("--out", required=True, metavar="FILE.png", help="where to write the grid")
+
+    # models
+    models = commands.add_parser("models", help="list and describe the network architectures",
+                                 description="List and describe the network architectures.")
+    model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    mlist = model_commands.add_parser("list", help="the registered architectures")
+    mlist.add_argument("--json", action="store_true", help="print JSON instead of text")
+    msum = model_commands.add_parser("summary", help="a Keras-style table of one architecture's layers")
+    msum.add_argument("name", help="architecture name, e.g. tutorial-003")
+    msum.add_argument("--json", action="store_true", help="print JSON (with total_params) instead of text")
+
+    # train
+    train = commands.add_parser(
+        "train", help="train a recipe and save a model bundle",
+        description="Train a named recipe and save a model bundle (safetensors weights + JSON metadata). "
+        "Ctrl-C stops training and saves the last finished epoch.",
+        epilog="recipes:\n" + "\n".join(f"  {r.name:<14}{r.description}" for r in RECIPES.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--recipe", default="tutorial-003", choices=list(RECIPES), metavar="NAME",
+                       help="which recipe (default: tutorial-003; see the list below)")
+    train.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
+    train.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    train.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    train.add_argument("--seed", type=int, help="random seed (default: the recipe's, 0); same seed, same result")
+    _dataset_option(train, default=None)
+    _data_dir_option(train)
+    train.add_argument("--out", metavar="DIR", help="bundle folder to write (default: runs/RECIPE, numbered "
+                       "if it exists)")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    # evaluate
+    evaluate = commands.add_parser("evaluate", help="test metrics of a saved model bundle")
+    evaluate.add_argument("bundle", help="model bundle folder")
+    _data_dir_option(evaluate)
+    evaluate.add_argument("--json", action="store_true", help="print JSON (keys include accuracy and loss)")
+
+    # predict
+    predict = commands.add_parser(
+        "predict", help="predict digits with a saved model",
+        description="Predict test-set images with a saved model, as tutorial 003 printed them.",
+    )
+    predict.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder")
+    predict.add_argument("--test-index", required=True, metavar="RANGE",
+                         help="test images to predict, e.g. 0-19 or 3,7,10-12")
+    _data_dir_option(predict)
+    predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    # reproduce
+    repro = commands.add_parser(
+        "reproduce", help="re-run the five tutorials and compare with their claims",
+        description="Train every tutorial's recipe from scratch on the full data and print one table: "
+        "tutorial, network, parameters, epochs, training seconds, our test accuracy, the claimed one.",
+    )
+    repro.add_argument("--tutorial", nargs="+", metavar="NNN", help="only these tutorials (000 001 002 003 004)")
+    _data_dir_option(repro)
+    repro.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    repro.add_argument("--out", metavar="FILE.md", help="also write the table as Markdown to this file")
+    repro.add_argument("--epochs", type=int, help="shorten every recipe to N epochs (a smoke run, not a "
+                       "reproduction)")
+    repro.add_argument("--train-size", type=int, metavar="N",
+                       help="train on the first N images only (a smoke run, not a reproduction)")
+    repro.add_argument("-q", "--quiet", action="store_true", help="no training progress")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def cmd_data(args) -> int:
+    from .data import load_dataset
+
+    ds = load_dataset(args.dataset, data_dir=args.data_dir)
+    if args.data_command == "info":
+        info = ds.info()
+        if args.json:
+            _print_json(info)
+            return 0
+        print(f"dataset: {ds.name}   source: {ds.source}")
+        for split in ("train", "test"):
+            part = info[split]
+            print(f"{split:<5}  images {tuple(part['images'])}  labels {tuple(part['labels'])}")
+        counts = zip(info["train"]["class_counts"], info["test"]["class_counts"], strict=True)
+        width = max(len(n) for n in ds.class_names) + 2
+        print(f"{'class':<{width + 4}}{'train':>7}{'test':>7}")
+        for i, (name, (n_train, n_test)) in enumerate(zip(ds.class_names, counts, strict=True)):
+            label = "" if name == str(i) else name
+            print(f"{i:>2}  {label:<{width}}{n_train:>7}{n_test:>7}")
+        print("checksums verified (SHA-256 of the decompressed IDX content)")
+        return 0
+    import numpy as np
+
+    from .plots import image_grid, save_figure
+
+    images, labels = ds.split(args.split)
+    if not 1 <= args.count <= min(400, len(images)):
+        raise DeepDigitsError(f"--count: expected 1-{min(400, len(images))}, got {args.count}")
+    if args.seed is None:
+        picked = np.arange(args.count)
+    else:
+        picked = np.random.default_rng(args.seed).choice(len(images), args.count, replace=False)
+    titles = [f"#{i}: {ds.class_names[labels[i]]}" for i in picked]
+    figure = image_grid(images[picked], titles, title=f"{ds.name} {args.split}: {args.count} images")
+    save_figure(figure, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import REGISTRY, build_model, count_params, resolve_name, summary, summary_dict
+
+    if args.models_command == "list":
+        rows = [
+            {"name": a.name, "aliases": list(a.aliases), "params": count_params(a.build()),
+             "description": a.description}
+            for a in REGISTRY.values()
+        ]
+        if args.json:
+            _print_json(rows)
+        else:
+            for r in rows:
+                print(f"{r['name']:<14}{r['params']:>9,}  {r['description']}")
+        return 0
+    name = resolve_name(args.name)
+    model = build_model(name)
+    if args.json:
+        _print_json(summary_dict(model, name))
+    else:
+        print(summary(model, name))
+    return 0
+
+
+def _default_out(recipe: str) -> Path:
+    base = Path("runs") / recipe
+    candidate, n = base, 2
+    while candidate.exists():
+        candidate = base.with_name(f"{base.name}-{n}")
+        n += 1
+    return candidate
+
+
+def cmd_train(args) -> int:
+    from .classifier import train_recipe
+    from .evaluate import format_metrics
+
+    out = Path(args.out) if args.out else _default_out(args.recipe)
+    if out.exists() and not out.is_dir():
+        raise DeepDigitsError(f"--out {out}: exists and is not a folder")
+    clf = train_recipe(
+        args.recipe, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, verbose=0 if args.quiet else 1,
+    )
+    if not clf.history:
+        print("deepdigits: interrupted before the first epoch finished; nothing saved", file=sys.stderr)
+        return 130
+    clf.save(out)
+    if clf.metrics:
+        print(format_metrics(clf.metrics).split("\n\n")[0])
+    print(f"saved model bundle: {out}  ({len(clf.history)} epochs, {clf.train_seconds:.1f} s training)")
+    if clf.interrupted:
+        print("deepdigits: training was interrupted; the bundle holds the last finished epoch", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _load_bundle_and_test_set(bundle: str, data_dir: str | None):
+    from .classifier import load
+    from .data import load_dataset
+
+    clf = load(bundle)
+    dataset_name = (clf.dataset or {}).get("name", "mnist")
+    ds = load_dataset(dataset_name, data_dir=data_dir)
+    return clf, ds
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import format_metrics
+
+    clf, ds = _load_bundle_and_test_set(args.bundle, args.data_dir)
+    metrics = clf.evaluate(ds.x_test, ds.y_test)
+    if args.json:
+        _print_json({"bundle": args.bundle, "dataset": ds.name, **metrics})
+    else:
+        print(f"model: {args.bundle} ({clf.architecture}, {clf.n_params:,} parameters)   "
+              f"data: {ds.name} test set")
+        print(format_metrics(metrics))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .data import parse_index_range
+
+    clf, ds = _load_bundle_and_test_set(args.model, args.data_dir)
+    indices = parse_index_range(args.test_index, len(ds.x_test))
+    probabilities = clf.predict_proba(ds.x_test[indices])
+    predicted = probabilities.argmax(axis=1)
+    labels = ds.y_test[indices]
+    names = clf.class_names
+    if args.json:
+        _print_json([
+            {"index": i, "digit": int(p), "class_name": names[p], "confidence": float(prob[p]),
+             "label": int(y), "correct": bool(p == y), "probabilities": [round(float(v), 6) for v in prob]}
+            for i, p, prob, y in zip(indices, predicted, probabilities, labels, strict=True)
+        ])
+        return 0
+    print(f"{'index':>6}  {'predicted':<12}{'probability':>12}  {'label':<12}")
+    for i, p, prob, y in zip(indices, predicted, probabilities, labels, strict=True):
+        mark = "" if p == y else "  ✗ wrong"
+        print(f"{i:>6}  {names[p]:<12}{prob[p]:>12.4f}  {names[y]:<12}{mark}")
+    print(f"predictions: [{' '.join(str(int(p)) for p in predicted)}]")
+    print(f"labels:      [{' '.join(str(int(y)) for y in labels)}]")
+    print(f"{int((predicted == labels).sum())}/{len(indices)} correct")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import markdown_table, reproduce
+
+    tutorials = [t.removeprefix("tutorial-").zfill(3) for t in args.tutorial] if args.tutorial else None
+    rows = reproduce(tutorials, data_dir=args.data_dir, epochs=args.epochs, train_size=args.train_size,
+                     verbose=0 if args.quiet or args.json else 1)
+    table = markdown_table(rows)
+    if args.out:
+        _write_text_atomic(args.out, table + "\n")
+    if args.json:
+        _print_json(rows)
+    else:
+        print(table)
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {
+    "data": cmd_data,
+    "models": cmd_models,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "reproduce": cmd_reproduce,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DeepDigitsError as exc:
+        print(f"deepdigits: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("deepdigits: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Named network architectures (the five tutorial networks and more) and a Keras-style summary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import DeepDigitsError
+
+INPUT_SHAPE = (1, 28, 28)  # every network takes (N, 1, 28, 28) floats; dense ones flatten first
+N_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    description: str
+    build: Callable[[], nn.Sequential]
+    aliases: tuple[str, ...] = ()
+
+
+REGISTRY: dict[str, Architecture] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(name: str, description: str, aliases: tuple[str, ...] = ()):
+    """Decorator: add a builder of an ``nn.Sequential`` to the registry under ``name``."""
+
+    def decorator(build: Callable[[], nn.Sequential]) -> Callable[[], nn.Sequential]:
+        REGISTRY[name] = Architecture(name, description, build, aliases)
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return build
+
+    return decorator
+
+
+def resolve_name(name: str) -> str:
+    """The registered name for ``name`` or one of its aliases."""
+    if name in REGISTRY:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    raise DeepDigitsError(f"unknown architecture {name!r}; expected one of: {', '.join(REGISTRY)}")
+
+
+def keras_init_(model: nn.Module) -> nn.Module:
+    """Initialise as Keras does: Glorot-uniform weights and zero biases for Dense and Conv2D layers."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
+def build_model(name: str, seed: int | None = None) -> nn.Sequential:
+    """A fresh, Keras-initialised network of a registered architecture.
+
+    The network outputs logits; ``torch.softmax`` of them is what Keras's softmax layer gives.
+    """
+    arch = REGISTRY[resolve_name(name)]
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = arch.build()
+    model.architecture = arch.name  # type: ignore[attr-defined]
+    return keras_init_(model)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- the tutorials' networks
+
+
+@register("tutorial-000", "Dense 784 relu, Dense 32 relu, Dense 10 softmax", aliases=("mlp-784-32",))
+def _tutorial_000() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 784), nn.ReLU(),
+        nn.Linear(784, 32), nn.ReLU(),
+        nn.Linear(32, N_CLASSES),
+    )
+
+
+@register(
+    "tutorial-001",
+    "Dense 512 relu, Dropout 0.2, Dense 512 relu, Dropout 0.2, Dense 10 softmax",
+    aliases=("mlp-512-512-dropout",),
+)
+def _tutorial_001() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 512), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(512, 512), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(512, N_CLASSES),
+    )
+
+
+@register("tutorial-002", "Dense 10 sigmoid, Dense 10 softmax", aliases=("sigmoid-10",))
+def _tutorial_002() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 10), nn.Sigmoid(),
+        nn.Linear(10, N_CLASSES),
+    )
+
+
+@register(
+    "tutorial-003",
+    "Conv 32 3x3 relu, MaxPool 2, Conv 64 3x3 relu, MaxPool 2, Flatten, Dropout 0.5, Dense 10 softmax",
+    aliases=("cnn-32-64",),
+)
+def _tutorial_003() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        # Keras flattens channels-last (H, W, C); the order does not change what the network can learn.
+        nn.Flatten(), nn.Dropout(0.5),
+        nn.Linear(5 * 5 * 64, N_CLASSES),
+    )
+
+
+@register("tutorial-004", "Dense 512 relu, Dense 10 softmax", aliases=("mlp-512",))
+def _tutorial_004() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 512), nn.ReLU(),
+        nn.Linear(512, N_CLASSES),
+    )
+
+
+# --------------------------------------------------------------------------- summary
+
+# torch module -> (Keras layer type, Keras's default layer name)
+_KERAS_TYPES = {
+    nn.Linear: ("Dense", "dense"),
+    nn.Conv2d: ("Conv2D", "conv2d"),
+    nn.MaxPool2d: ("MaxPooling2D", "max_pooling2d"),
+    nn.Flatten: ("Flatten", "flatten"),
+    nn.Dropout: ("Dropout", "dropout"),
+    nn.BatchNorm2d: ("BatchNormalization", "batch_normalization"),
+    nn.BatchNorm1d: ("BatchNormalization", "batch_normalization"),
+}
+_ACTIVATIONS = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Softmax: "softmax"}
+
+
+def summary_rows(model: nn.Sequential) -> list[dict]:
+    """One row per Keras-style layer: name, type, activation, output shape and parameter count.
+
+    Activation modules are folded into the layer before them, as Keras's ``activation=`` does;
+    the last Dense layer is shown with softmax because the loss applies it.
+    """
+    rows: list[dict] = []
+    counters: dict[str, int] = {}
+    x = torch.zeros(1, *INPUT_SHAPE)
+    with torch.no_grad():
+        for module in model:
+            x = module(x)
+            activation = next((a for t, a in _ACTIVATIONS.items() if isinstance(module, t)), None)
+            if activation and rows:
+                rows[-1]["activation"] = activation
+                continue
+            own = (type(module).__name__, type(module).__name__.lower())
+            kind, base = next((k for t, k in _KERAS_TYPES.items() if isinstance(module, t)), own)
+            index = counters.get(base, 0)
+            counters[base] = index + 1
+            rows.append({
+                "name": base if index == 0 else f"{base}_{index}",
+                "type": kind,
+                "activation": None,
+                "output_shape": [None, *x.shape[1:]],
+                "params": sum(p.numel() for p in module.parameters()),
+            })
+    dense_rows = [r for r in rows if r["type"] == "Dense"]
+    if dense_rows and dense_rows[-1] is rows[-1] and rows[-1]["activation"] is None:
+        rows[-1]["activation"] = "softmax"
+    return rows
+
+
+def summary_dict(model: nn.Sequential, name: str | None = None) -> dict:
+    rows = summary_rows(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = count_params(model)
+    return {
+        "name": name or getattr(model, "architecture", type(model).__name__),
+        "input_shape": [None, *INPUT_SHAPE],
+        "layers": rows,
+        "total_params": total,
+        "trainable_params": trainable,
+        "non_trainable_params": total - trainable,
+    }
+
+
+def summary(model: nn.Sequential, name: str | None = None) -> str:
+    """The model as Keras's ``model.summary()`` prints it: layers, output shapes, parameters, totals."""
+    info = summary_dict(model, name)
+
+    def shape(s: list) -> str:
+        return "(" + ", ".join("None" if d is None else str(d) for d in s) + ")"
+
+    lines_data = []
+    for row in info["layers"]:
+        kind = row["type"] + (f", {row['activation']}" if row["activation"] else "")
+        lines_data.append((f"{row['name']} ({kind})", shape(row["output_shape"]), f"{row['params']:,}"))
+    w1 = max(len("Layer (type)"), *(len(r[0]) for r in lines_data)) + 2
+    w2 = max(len("Output Shape"), *(len(r[1]) for r in lines_data)) + 2
+    w3 = max(len("Param #"), *(len(r[2]) for r in lines_data))
+    width = w1 + w2 + w3
+    out = [f'Model: "{info["name"]}"', "━" * width]
+    out.append(f"{'Layer (type)':<{w1}}{'Output Shape':<{w2}}{'Param #':>{w3}}")
+    out.append("━" * width)
+    for i, (a, b, c) in enumerate(lines_data):
+        out.append(f"{a:<{w1}}{b:<{w2}}{c:>{w3}}")
+        out.append("━" * width if i == len(lines_data) - 1 else "─" * width)
+    out.append(f"Total params: {info['total_params']:,}")
+    out.append(f"Trainable params: {info['trainable_params']:,}")
+    out.append(f"Non-trainable params: {info['non_trainable_params']:,}")
+    return "\n".join(out)
