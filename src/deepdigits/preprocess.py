@@ -17,6 +17,7 @@ def to_tensor(images: np.ndarray | torch.Tensor, scale: float = DEFAULT_SCALE) -
     float images are taken as already scaled.
     """
     array = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    given = tuple(array.shape)
     if array.ndim == 2 and array.shape == (28, 28):
         array = array.unsqueeze(0)
     if array.ndim == 2 and array.shape[1] == 784:
@@ -25,7 +26,7 @@ def to_tensor(images: np.ndarray | torch.Tensor, scale: float = DEFAULT_SCALE) -
         array = array.unsqueeze(1)
     if array.ndim != 4 or tuple(array.shape[1:]) != (1, 28, 28):
         raise DeepDigitsError(
-            f"images: expected shape (N, 28, 28), (N, 784) or (N, 1, 28, 28), got {tuple(array.shape)}"
+            f"images: expected shape (N, 28, 28), (N, 784) or (N, 1, 28, 28), got {given}"
         )
     if array.dtype == torch.uint8:
         return array.to(torch.float32) * scale

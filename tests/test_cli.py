@@ -1,0 +1,111 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepdigits.cli import main
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, data_root):
+    path = tmp_path_factory.mktemp("cli") / "mlp"
+    assert main(["train", "--recipe", "tutorial-004", "--epochs", "1", "--data-dir", str(data_root),
+                 "--out", str(path), "--quiet"]) == 0
+    return path
+
+
+def test_models_list_and_summary(capsys):
+    code, out, _ = run(capsys, "models", "list")
+    assert code == 0 and "tutorial-002" in out and "7,960" in out
+    code, out, _ = run(capsys, "models", "summary", "tutorial-001", "--json")
+    assert code == 0 and json.loads(out)["total_params"] == 669_706
+    code, out, _ = run(capsys, "models", "summary", "tutorial-003")
+    assert "Total params: 34,826" in out
+
+
+def test_data_info_json(capsys, data_root):
+    code, out, _ = run(capsys, "data", "info", "--dataset", "fashion-mnist", "--data-dir", data_root, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["train"]["images"] == [60000, 28, 28] and info["class_names"][9] == "Ankle boot"
+    assert info["source"] == f"--data-dir {data_root}"
+
+
+def test_data_show_writes_a_labelled_grid(capsys, data_root, tmp_path):
+    out_file = tmp_path / "grid.png"
+    code, out, _ = run(capsys, "data", "show", "--data-dir", data_root, "--split", "test", "--count", "16",
+                       "--out", out_file)
+    assert code == 0 and f"wrote {out_file}" in out
+    with Image.open(out_file) as image:
+        assert image.width > 300 and image.height > 300
+        assert len(np.unique(np.asarray(image.convert("L")))) > 10  # not blank
+
+
+def test_train_evaluate_predict(capsys, bundle, data_root):
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["recipe"]["name"] == "tutorial-004" and meta["recipe"]["epochs"] == 1
+    assert meta["metrics"]["accuracy"] > 0.9
+    code, out, _ = run(capsys, "evaluate", bundle, "--data-dir", data_root, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["accuracy"] == pytest.approx(meta["metrics"]["accuracy"])
+    assert sum(map(sum, result["confusion_matrix"])) == 10_000 and "loss" in result
+    code, out, _ = run(capsys, "predict", "--model", bundle, "--test-index", "0-19", "--data-dir", data_root)
+    assert code == 0 and "labels:      [7 2 1 0 4 1 4 9 5 9 0 6 9 0 1 5 9 7 3 4]" in out
+    assert out.strip().splitlines()[-1].endswith("/20 correct")
+    code, out, _ = run(capsys, "predict", "--model", bundle, "--test-index", "3", "--data-dir", data_root, "--json")
+    row = json.loads(out)[0]
+    assert row["index"] == 3 and row["label"] == 0 and len(row["probabilities"]) == 10
+
+
+def test_train_refuses_bad_numbers(capsys, data_root, tmp_path):
+    code, _, err = run(capsys, "train", "--recipe", "tutorial-004", "--epochs", "0", "--data-dir", data_root,
+                       "--out", tmp_path / "x")
+    assert code == 1 and err.strip() == "deepdigits: error: epochs: expected a positive number, got 0"
+    assert not (tmp_path / "x").exists()
+
+
+def test_errors_are_one_line_with_nonzero_exit(capsys, tmp_path, data_root, bundle):
+    code, _, err = run(capsys, "evaluate", tmp_path / "nope")
+    assert code == 1 and err.count("\n") == 1 and "not a model bundle folder" in err
+    code, _, err = run(capsys, "predict", "--model", bundle, "--test-index", "9999-10005", "--data-dir", data_root)
+    assert code == 1 and "indices must lie in 0-9999" in err
+    code, _, err = run(capsys, "data", "info", "--data-dir", tmp_path)
+    assert code == 1 and "no complete mnist files there" in err and "Traceback" not in err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--recipe", "nonsense"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+def test_reproduce_smoke_run(capsys, data_root, tmp_path):
+    md = tmp_path / "table.md"
+    code, out, _ = run(capsys, "reproduce", "--tutorial", "004", "--epochs", "1", "--train-size", "2000",
+                       "--data-dir", data_root, "--json", "--out", md)
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 1
+    row = rows[0]
+    assert {"tutorial", "params", "test_accuracy", "claimed", "train_seconds"} <= set(row)
+    assert row["params"] == 407_050 and row["claimed"] == "97.83%" and row["full_recipe"] is False
+    assert 50 < row["test_accuracy"] <= 100
+    assert "(shortened run)" in md.read_text()
+
+
+def test_console_script_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "deepdigits", "evaluate", str(tmp_path / "missing")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("deepdigits: error: ") and result.stderr.count("\n") == 1
+    help_text = subprocess.run([sys.executable, "-m", "deepdigits", "--help"], capture_output=True, text=True,
+                               timeout=120).stdout
+    assert "deepdigits reproduce" in help_text and "DEEPDIGITS_DATA" in help_text

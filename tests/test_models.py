@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from deepdigits.errors import DeepDigitsError
+from deepdigits.models import REGISTRY, build_model, count_params, summary, summary_dict
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("tutorial-000", 640_890), ("tutorial-001", 669_706), ("tutorial-002", 7_960),
+     ("tutorial-003", 34_826), ("tutorial-004", 407_050)],
+)
+def test_exact_parameter_counts(name, params):
+    model = build_model(name)
+    assert count_params(model) == params
+    assert model(torch.zeros(4, 1, 28, 28)).shape == (4, 10)
+
+
+def test_registry_holds_exactly_the_five_tutorials():
+    assert sorted(REGISTRY) == [f"tutorial-00{i}" for i in range(5)]
+
+
+def test_aliases_resolve():
+    assert count_params(build_model("cnn-32-64")) == 34_826
+
+
+def test_keras_initialisation_glorot_uniform_zero_bias():
+    model = build_model("tutorial-000", seed=1)
+    first = model[1]
+    limit = math.sqrt(6 / (784 + 784))
+    assert first.weight.abs().max() <= limit and first.weight.abs().max() > 0.9 * limit
+    assert torch.count_nonzero(first.bias) == 0
+    conv = build_model("tutorial-003")[0]
+    assert conv.weight.abs().max() <= math.sqrt(6 / (1 * 9 + 32 * 9))
+    assert torch.count_nonzero(conv.bias) == 0
+
+
+def test_seed_gives_identical_weights():
+    a, b = build_model("tutorial-004", seed=7), build_model("tutorial-004", seed=7)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_summary_text_is_keras_like():
+    text = summary(build_model("tutorial-003"), "tutorial-003")
+    lines = text.splitlines()
+    assert lines[0] == 'Model: "tutorial-003"'
+    assert any(line.startswith("conv2d (Conv2D, relu)") and "(None, 32, 26, 26)" in line and line.endswith("320")
+               for line in lines)
+    assert any(line.startswith("conv2d_1 (Conv2D, relu)") and line.endswith("18,496") for line in lines)
+    assert any(line.startswith("max_pooling2d_1 (MaxPooling2D)") and "(None, 64, 5, 5)" in line for line in lines)
+    assert any(line.startswith("dense (Dense, softmax)") and line.endswith("16,010") for line in lines)
+    assert lines[-3:] == ["Total params: 34,826", "Trainable params: 34,826", "Non-trainable params: 0"]
+
+
+def test_summary_dict():
+    info = summary_dict(build_model("tutorial-002"), "tutorial-002")
+    assert info["total_params"] == 7_960
+    assert [(row["name"], row["activation"], row["params"]) for row in info["layers"]] == [
+        ("flatten", None, 0), ("dense", "sigmoid", 7_850), ("dense_1", "softmax", 110)
+    ]
+
+
+def test_unknown_architecture():
+    with pytest.raises(DeepDigitsError, match="unknown architecture 'resnet'; expected one of: tutorial-000"):
+        build_model("resnet")
+
+
+def test_summary_of_unregistered_sequential():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    assert "Total params: 7,850" in summary(model, "custom")

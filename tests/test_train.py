@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+
+from deepdigits import Classifier
+from deepdigits.errors import DeepDigitsError
+from deepdigits.models import build_model
+from deepdigits.preprocess import to_tensor
+from deepdigits.train import LOSSES, RECIPES, fit, get_recipe, make_optimizer
+
+
+def test_recipes_match_the_tutorials():
+    expected = {
+        "tutorial-000": ("sgd", 0.01, 500, 20, 0.1),
+        "tutorial-001": ("adam", 0.001, 128, 5, 0.0),
+        "tutorial-002": ("sgd", 0.01, 32, 10, 0.0),
+        "tutorial-003": ("adam", 0.001, 128, 10, 0.1),
+        "tutorial-004": ("rmsprop", 0.001, 128, 5, 0.0),
+    }
+    for name, values in expected.items():
+        r = RECIPES[name]
+        assert (r.optimizer, r.learning_rate, r.batch_size, r.epochs, r.validation_split) == values
+    assert RECIPES["tutorial-000"].input_scale == 1.0  # the tutorial shows no division by 255
+    assert RECIPES["tutorial-003"].input_scale == pytest.approx(1 / 255)
+
+
+def test_keras_optimizer_defaults():
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    rms = make_optimizer("rmsprop", params, 0.001).defaults
+    assert rms["alpha"] == 0.9 and rms["eps"] == 1e-7 and rms["momentum"] == 0
+    adam = make_optimizer("adam", params, 0.001).defaults
+    assert adam["betas"] == (0.9, 0.999) and adam["eps"] == 1e-7
+    sgd = make_optimizer("sgd", params, 0.01).defaults
+    assert sgd["lr"] == 0.01 and sgd["momentum"] == 0
+    with pytest.raises(DeepDigitsError, match="unknown optimizer 'lbfgs'"):
+        make_optimizer("lbfgs", params, 0.1)
+
+
+def test_clipped_loss_matches_cross_entropy_until_it_saturates():
+    clipped = LOSSES["keras2-clipped-cross-entropy"]
+    logits = torch.tensor([[2.0, 0.5, -1.0]], requires_grad=True)
+    target = torch.tensor([0])
+    assert clipped(logits, target).item() == pytest.approx(torch.nn.functional.cross_entropy(logits, target).item())
+    saturated = torch.tensor([[0.0, 40.0, 0.0]], requires_grad=True)  # p(target) < 1e-7: clipped
+    loss = clipped(saturated, target)
+    loss.backward()
+    assert loss.item() == pytest.approx(-np.log(1e-7), rel=1e-5)
+    assert torch.count_nonzero(saturated.grad) == 0
+
+
+def test_small_training_run_learns(mnist):
+    clf = Classifier("tutorial-004", seed=0)
+    history = clf.fit(mnist.x_train[:3000], mnist.y_train[:3000], epochs=3, batch_size=64, optimizer="rmsprop",
+                      validation_split=0.1, verbose=0)
+    assert [e["epoch"] for e in history.epochs] == [1, 2, 3]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "seconds"} <= set(history.epochs[0])
+    assert history.epochs[-1]["loss"] < history.epochs[0]["loss"]
+    accuracy = clf.evaluate(mnist.x_test[:1000], mnist.y_test[:1000])["accuracy"]
+    assert accuracy > 0.85  # chance is 0.10
+
+
+def test_cnn_learns_on_small_data(mnist):
+    clf = Classifier("tutorial-003", seed=0)
+    clf.fit(mnist.x_train[:2000], mnist.y_train[:2000], epochs=2, batch_size=64, verbose=0)
+    assert clf.evaluate(mnist.x_test[:500], mnist.y_test[:500])["accuracy"] > 0.75
+
+
+def test_same_seed_same_result(mnist):
+    def run():
+        clf = Classifier("tutorial-001", seed=5)
+        clf.fit(mnist.x_train[:1000], mnist.y_train[:1000], epochs=1, batch_size=100, seed=5, verbose=0)
+        return clf.predict_proba(mnist.x_test[:50])
+
+    np.testing.assert_array_equal(run(), run())
+
+
+def test_ctrl_c_keeps_the_last_finished_epoch(mnist):
+    network = build_model("tutorial-004", seed=0)
+    x = to_tensor(mnist.x_train[:1000])
+    y = torch.from_numpy(mnist.y_train[:1000]).long()
+    snapshot = {}
+    calls = {"n": 0}
+    original_forward = network.forward
+
+    def forward(inputs):
+        calls["n"] += 1
+        if snapshot and calls["n"] > 15:  # in the middle of epoch 2
+            raise KeyboardInterrupt
+        return original_forward(inputs)
+
+    network.forward = forward
+
+    def remember(epoch, metrics):
+        snapshot.update({k: v.clone() for k, v in network.state_dict().items()})
+
+    history = fit(network, x, y, optimizer="sgd", learning_rate=0.01, batch_size=100, epochs=5, verbose=0,
+                  on_epoch_end=remember)
+    assert history.interrupted and len(history.epochs) == 1
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in snapshot.items())
+
+
+def test_divergence_is_reported_not_silently_saved(mnist):
+    clf = Classifier("tutorial-000", input_scale=1.0, seed=0)
+    with pytest.raises(DeepDigitsError, match="training diverged at epoch 1"):
+        clf.fit(mnist.x_train[:2000], mnist.y_train[:2000], epochs=1, batch_size=500, optimizer="sgd",
+                learning_rate=1000.0, verbose=0)
+
+
+def test_unknown_recipe():
+    with pytest.raises(DeepDigitsError, match="unknown recipe 'tutorial-9'"):
+        get_recipe("tutorial-9")
+
+
+def test_to_tensor_shapes_and_errors():
+    assert to_tensor(np.zeros((28, 28), np.uint8)).shape == (1, 1, 28, 28)
+    assert to_tensor(np.zeros((3, 784), np.uint8)).shape == (3, 1, 28, 28)
+    assert to_tensor(np.full((2, 28, 28), 255, np.uint8)).max().item() == pytest.approx(1.0)
+    with pytest.raises(DeepDigitsError, match=r"got \(3, 32, 32\)"):
+        to_tensor(np.zeros((3, 32, 32), np.uint8))
