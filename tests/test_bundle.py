@@ -21,7 +21,9 @@ def trained(mnist):
 
 def test_round_trip_gives_identical_predictions(trained, mnist, tmp_path):
     path = trained.save(tmp_path / "cnn")
-    assert sorted(p.name for p in path.iterdir()) == ["history.csv", "model.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "confusion.png", "curves.png", "history.csv", "model.json", "model.safetensors"
+    ]
     loaded = deepdigits.load(path)
     np.testing.assert_array_equal(loaded.predict_proba(mnist.x_test[:200]), trained.predict_proba(mnist.x_test[:200]))
     assert loaded.architecture == "tutorial-003" and loaded.history == trained.history

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import private_dir_to_public
 from .errors import BundleError
 
 FORMAT = "deepdigits-bundle"
@@ -71,7 +72,7 @@ def save_bundle(
         (staging / HISTORY_FILE).write_text(history_csv(document.get("history", [])))
         for name, content in (extra_files or {}).items():
             (staging / name).write_bytes(content)
-        _apply_umask(staging)
+        private_dir_to_public(staging)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -83,15 +84,6 @@ def save_bundle(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
-
-
-def _apply_umask(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder; give the bundle the permissions a plain mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

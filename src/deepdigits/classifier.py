@@ -144,9 +144,21 @@ class Classifier:
             **self.extra,
         }
 
-    def save(self, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
-        """Write this classifier as a bundle folder (safetensors weights + JSON), atomically."""
-        return save_bundle(path, self.network.state_dict(), self.metadata(), extra_files)
+    def save(self, path: str | os.PathLike, figures: bool = True) -> Path:
+        """Write this classifier as a bundle folder (safetensors weights + JSON), atomically.
+
+        With ``figures``, the training curves and the test confusion matrix go in as PNGs too.
+        """
+        extra: dict[str, bytes] = {}
+        if figures:
+            from .plots import confusion_matrix_figure, figure_png_bytes, training_curves
+
+            if self.history:
+                extra["curves.png"] = figure_png_bytes(training_curves(self.history, f"{self.architecture}"))
+            if self.metrics:
+                matrix = self.metrics["confusion_matrix"]
+                extra["confusion.png"] = figure_png_bytes(confusion_matrix_figure(matrix, self.class_names))
+        return save_bundle(path, self.network.state_dict(), self.metadata(), extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Classifier:

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from . import __version__
+from .atomic import atomic_write_text
 from .errors import DeepDigitsError
 
 EPILOG = """\
 examples:
   deepdigits data info                          where the data comes from, shapes, class counts
   deepdigits models summary tutorial-003        the network, layer by layer
-  deepdigits train --recipe tutorial-003        train the tutorial's CNN (about 2.5 minutes on 2 CPU cores)
+  deepdigits train --recipe tutorial-003        train the tutorial's CNN (about 2 minutes on 2 CPU cores)
   deepdigits evaluate runs/tutorial-003         test loss, accuracy, per-class table, confusion matrix
   deepdigits predict --model runs/tutorial-003 --test-index 0-19
   deepdigits reproduce                          re-run all five tutorials, ours beside their claims
+  deepdigits plot confusion runs/tutorial-003 --out confusion.png
+  deepdigits crossval --recipe tutorial-004 --folds 5 --out runs/kfold
+  deepdigits report runs/tutorial-003 --out report.html
 
 data: --data-dir DIR, or $DEEPDIGITS_DATA (a folder holding mnist/ and fashion-mnist/), or the user
 cache; otherwise the files are downloaded once, verified by SHA-256.
@@ -126,24 +128,62 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir_option(repro)
     repro.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     repro.add_argument("--out", metavar="FILE.md", help="also write the table as Markdown to this file")
+    repro.add_argument("--save-dir", metavar="DIR", help="also save each tutorial's model bundle in DIR")
     repro.add_argument("--epochs", type=int, help="shorten every recipe to N epochs (a smoke run, not a "
                        "reproduction)")
     repro.add_argument("--train-size", type=int, metavar="N",
                        help="train on the first N images only (a smoke run, not a reproduction)")
     repro.add_argument("-q", "--quiet", action="store_true", help="no training progress")
+
+    # plot
+    from .plots import FIGURE_KINDS
+
+    plot = commands.add_parser(
+        "plot", help="draw a figure of a saved model as PNG",
+        description="Draw a figure of a saved model bundle as a PNG file.",
+        epilog="kinds:\n" + "\n".join(f"  {k:<14}{v}" for k, v in FIGURE_KINDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plot.add_argument("kind", choices=list(FIGURE_KINDS), metavar="KIND", help="which figure (see below)")
+    plot.add_argument("bundle", help="model bundle folder")
+    plot.add_argument("--out", required=True, metavar="FILE.png", help="where to write the PNG")
+    plot.add_argument("--index", type=int, default=0,
+                      help="test image for saliency/probabilities, first image for predictions (default: 0)")
+    plot.add_argument("--count", type=int, default=16, help="images in predictions/mistakes grids (default: 16)")
+    _data_dir_option(plot)
+
+    # crossval
+    crossval = commands.add_parser(
+        "crossval", help="k-fold cross-validation of a recipe (a fresh network per fold)",
+        description="k-fold cross-validation on the training set: a fresh network for every fold, trained only "
+        "on that fold's training part and validated on the held-out part. Prints per-fold accuracy, mean and "
+        "standard deviation; with --out, writes crossval.json, curves.png and scores.png.",
+    )
+    crossval.add_argument("--recipe", default="tutorial-004", choices=list(RECIPES), metavar="NAME",
+                          help="which recipe (default: tutorial-004, as the tutorial did)")
+    crossval.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
+    crossval.add_argument("--seed", type=int, default=1, help="shuffling seed (default: 1, as tutorial 004)")
+    crossval.add_argument("--stratified", action="store_true", help="keep class proportions in every fold")
+    crossval.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    crossval.add_argument("--train-size", type=int, metavar="N", help="use only the first N training images")
+    _data_dir_option(crossval)
+    crossval.add_argument("--out", metavar="DIR", help="write crossval.json and the figures into this folder")
+    crossval.add_argument("--json", action="store_true", help="print JSON of all numbers")
+    crossval.add_argument("-q", "--quiet", action="store_true", help="no training progress")
+
+    # report
+    report = commands.add_parser(
+        "report", help="write a one-file HTML report of a model bundle",
+        description="Write a self-contained HTML report (images embedded; opens without a network): model "
+        "summary, recipe, training curves, test metrics, confusion matrix, mistakes and evidence maps.",
+    )
+    report.add_argument("bundle", help="model bundle folder")
+    report.add_argument("--out", default="report.html", metavar="FILE.html", help="default: report.html")
+    _data_dir_option(report)
     return parser
 
 
 # --------------------------------------------------------------------------- commands
-
-
-def _write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _print_json(value) -> None:
@@ -301,16 +341,70 @@ def cmd_reproduce(args) -> int:
 
     tutorials = [t.removeprefix("tutorial-").zfill(3) for t in args.tutorial] if args.tutorial else None
     rows = reproduce(tutorials, data_dir=args.data_dir, epochs=args.epochs, train_size=args.train_size,
-                     verbose=0 if args.quiet or args.json else 1)
+                     save_dir=args.save_dir, verbose=0 if args.quiet or args.json else 1)
     table = markdown_table(rows)
     if args.out:
-        _write_text_atomic(args.out, table + "\n")
+        atomic_write_text(args.out, table + "\n")
     if args.json:
         _print_json(rows)
     else:
         print(table)
         if args.out:
             print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .classifier import load
+    from .plots import make_figure, save_figure
+
+    if args.kind in ("curves", "evidence"):
+        clf, ds = load(args.bundle), None
+    else:
+        clf, ds = _load_bundle_and_test_set(args.bundle, args.data_dir)
+    if not 1 <= args.count <= 400:
+        raise DeepDigitsError(f"--count: expected 1-400, got {args.count}")
+    save_figure(make_figure(args.kind, clf, ds, index=args.index, count=args.count), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_crossval(args) -> int:
+    from .crossval import cross_validate, to_json
+    from .plots import crossval_curves, crossval_scores, save_figure
+
+    result = cross_validate(
+        args.recipe, folds=args.folds, seed=args.seed, stratified=args.stratified, epochs=args.epochs,
+        data_dir=args.data_dir, train_size=args.train_size, verbose=0 if args.quiet or args.json else 1,
+    )
+    document = to_json(result)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "crossval.json", json.dumps(document, indent=2) + "\n")
+        save_figure(crossval_curves(result["fold_results"]), out / "curves.png")
+        save_figure(crossval_scores(result["scores"]), out / "scores.png")
+    if args.json:
+        _print_json(document)
+        return 0
+    kind = "stratified " if args.stratified else ""
+    print(f"{args.folds}-fold {kind}cross-validation of {args.recipe} on {result['n_images']:,} images "
+          f"(seed {args.seed}):")
+    for fold in result["fold_results"]:
+        print(f"  fold {fold['fold']}: {fold['accuracy'] * 100:.3f}%  "
+              f"(trained on {fold['train_size']:,}, validated on {fold['validation_size']:,})")
+    print(f"Accuracy: mean={result['mean'] * 100:.3f}% std={result['std'] * 100:.3f} n={args.folds}")
+    if args.out:
+        print(f"wrote {Path(args.out) / 'crossval.json'}, curves.png, scores.png")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    clf, ds = _load_bundle_and_test_set(args.bundle, args.data_dir)
+    write_report(clf, ds, args.out, bundle_path=args.bundle)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -321,6 +415,9 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "reproduce": cmd_reproduce,
+    "plot": cmd_plot,
+    "crossval": cmd_crossval,
+    "report": cmd_report,
 }
 
 

@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import math
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write, atomic_write_bytes
 from .errors import DataError
 
 # IDX type codes (third byte of the magic number) and the big-endian dtypes they mean.
@@ -298,13 +298,11 @@ def _download(spec: DatasetSpec, target: Path, failures: list[str]) -> dict[str,
 
 
 def _fetch_verified(url: str, dest: Path, sha256: str) -> None:
-    """Download ``url`` to ``dest`` with a progress bar; verify it; move it in place only if it is right."""
+    """Download ``url`` to ``dest`` with a progress bar; it lands only if its content checksum is right."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, os.fdopen(fd, "wb") as out:
+    def download_and_verify(tmp: str) -> None:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             columns = (TextColumn(dest.name), BarColumn(), DownloadColumn(), TransferSpeedColumn())
             with Progress(*columns, transient=True) as progress:
@@ -312,13 +310,11 @@ def _fetch_verified(url: str, dest: Path, sha256: str) -> None:
                 while chunk := response.read(1 << 16):
                     out.write(chunk)
                     progress.advance(task, len(chunk))
-        content = read_idx_bytes(tmp)
-        found = hashlib.sha256(content).hexdigest()
+        found = hashlib.sha256(read_idx_bytes(tmp)).hexdigest()
         if found != sha256:
             raise DataError(f"{url}: checksum mismatch: got {found}, expected {sha256}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(dest, download_and_verify)
 
 
 # --------------------------------------------------------------------------- loading
@@ -378,11 +374,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None 
     content = header + array.astype(_IDX_DTYPES[codes[dtype]]).tobytes()
     if compress if compress is not None else path.suffix == ".gz":
         content = gzip.compress(content, mtime=0)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    with os.fdopen(fd, "wb") as f:
-        f.write(content)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, content)
 
 
 # --------------------------------------------------------------------------- splits

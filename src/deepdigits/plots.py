@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,20 +15,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from .atomic import atomic_write
+
 
 def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Write ``figure`` as a PNG atomically (temp file + rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
     finally:
         plt.close(figure)
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def image_grid(
@@ -64,3 +58,245 @@ def image_grid(
         figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def figure_png_bytes(figure: Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (for bundles and self-contained HTML), and close it."""
+    import io
+
+    buffer = io.BytesIO()
+    try:
+        figure.savefig(buffer, dpi=dpi, format="png", bbox_inches="tight")
+    finally:
+        plt.close(figure)
+    return buffer.getvalue()
+
+
+def training_curves(history: Sequence[dict], title: str = "Training curves") -> Figure:
+    """Accuracy and loss per epoch, training beside validation (as tutorials 000 and 004 drew them)."""
+    if not history:
+        raise ValueError("no training history to plot")
+    epochs = [e["epoch"] for e in history]
+    figure, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((acc_ax, "accuracy", "Accuracy"), (loss_ax, "loss", "Loss")):
+        ax.plot(epochs, [e[key] for e in history], "o-", label="training", color="tab:blue")
+        if all(f"val_{key}" in e for e in history):
+            ax.plot(epochs, [e[f"val_{key}"] for e in history], "o-", label="validation", color="tab:orange")
+        ax.set_title(f"Model {label.lower()}")
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def predictions_grid(
+    images: np.ndarray, predicted: Sequence[int], labels: Sequence[int], class_names: Sequence[str],
+    columns: int | None = None,
+) -> Figure:
+    """Images titled "Predicted: X  Label: Y"; mistakes in red (tutorial 000's 3x3 grid)."""
+    titles = [f"Predicted: {class_names[p]}\nLabel: {class_names[y]}" for p, y in zip(predicted, labels, strict=True)]
+    mistakes = [p != y for p, y in zip(predicted, labels, strict=True)]
+    wrong = sum(mistakes)
+    return image_grid(images, titles, columns=columns, mistakes=mistakes,
+                      title=f"Predictions: {len(images) - wrong} of {len(images)} right")
+
+
+def confusion_matrix_figure(matrix: Sequence[Sequence[int]], class_names: Sequence[str]) -> Figure:
+    """Heat-map of the confusion matrix with counts, beside each class's accuracy (recall)."""
+    matrix = np.asarray(matrix)
+    n = len(class_names)
+    figure, (heat_ax, bar_ax) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    shown = np.log1p(matrix)  # log colour scale: the diagonal would otherwise hide every mistake
+    heat_ax.imshow(shown, cmap="Blues")
+    threshold = shown.max() / 2
+    for i in range(n):
+        for j in range(n):
+            heat_ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                         color="white" if shown[i, j] > threshold else "black")
+    heat_ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    heat_ax.set_yticks(range(n), class_names)
+    heat_ax.set_xlabel("Predicted class")
+    heat_ax.set_ylabel("True class")
+    heat_ax.set_title(f"Confusion matrix ({matrix.sum():,} test images)")
+    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+    bar_ax.barh(range(n), per_class * 100, color="tab:blue")
+    bar_ax.set_yticks(range(n), class_names)
+    bar_ax.invert_yaxis()
+    low = max(0.0, float(per_class.min()) * 100 - 5)
+    bar_ax.set_xlim(low, 100)
+    for i, value in enumerate(per_class):
+        bar_ax.text(value * 100, i, f" {value * 100:.1f}%", va="center", fontsize=8)
+    bar_ax.set_xlabel("Accuracy on the class (%)")
+    bar_ax.set_title("Per-class accuracy")
+    figure.tight_layout()
+    return figure
+
+
+def most_confident_mistakes(
+    images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str], count: int = 16
+) -> Figure:
+    """The test images the model got wrong with the highest confidence, with label, prediction, probability."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    order = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:count]
+    if len(order) == 0:
+        figure, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No mistakes on these images", ha="center", va="center")
+        return figure
+    titles = [
+        f"#{i} label {class_names[labels[i]]}\npred {class_names[predicted[i]]} ({probabilities[i, predicted[i]]:.0%})"
+        for i in order
+    ]
+    return image_grid(images[order], titles, mistakes=[True] * len(order),
+                      title=f"Most confident mistakes ({len(order)} of {len(wrong)} mistakes)")
+
+
+def evidence_maps(maps: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+    """One 28x28 map per class in a diverging colour map: red for evidence for, blue against."""
+    columns = 5
+    rows = math.ceil(len(maps) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows + 0.6), squeeze=False)
+    limit = float(np.abs(maps).max()) or 1.0
+    image = None
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= len(maps):
+            ax.axis("off")
+            continue
+        image = ax.imshow(maps[i].reshape(28, 28), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(class_names[i], fontsize=9)
+    if image is not None:
+        colorbar = figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+        colorbar.set_label("evidence: against (blue) / for (red)")
+    figure.suptitle(title)
+    return figure
+
+
+def saliency_figure(image: np.ndarray, saliency: np.ndarray, label: str, predicted: str, probability: float) -> Figure:
+    """The input beside the gradient of the predicted class's score with respect to each pixel."""
+    figure, (img_ax, sal_ax) = plt.subplots(1, 2, figsize=(7, 3.6))
+    img_ax.imshow(image, cmap="gray")
+    img_ax.set_title(f"Input (label {label})")
+    limit = float(np.abs(saliency).max()) or 1.0
+    shown = sal_ax.imshow(saliency, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    sal_ax.set_title(f"Saliency for '{predicted}' ({probability:.1%})")
+    for ax in (img_ax, sal_ax):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.colorbar(shown, ax=sal_ax, shrink=0.8).set_label("d score / d pixel")
+    figure.tight_layout()
+    return figure
+
+
+def probability_bars(image: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str],
+                     label: str | None = None) -> Figure:
+    """One image beside the model's 10 class probabilities."""
+    figure, (img_ax, bar_ax) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    img_ax.imshow(image, cmap="gray")
+    img_ax.set_xticks([])
+    img_ax.set_yticks([])
+    img_ax.set_title("Input" + (f" (label {label})" if label is not None else ""))
+    best = int(np.argmax(probabilities))
+    colours = ["tab:orange" if i == best else "tab:blue" for i in range(len(probabilities))]
+    bar_ax.bar(range(len(probabilities)), probabilities, color=colours)
+    bar_ax.set_xticks(range(len(probabilities)), class_names, rotation=45 if max(map(len, class_names)) > 2 else 0,
+                      ha="right" if max(map(len, class_names)) > 2 else "center")
+    bar_ax.set_ylim(0, 1)
+    bar_ax.set_xlabel("Class")
+    bar_ax.set_ylabel("Probability")
+    bar_ax.set_title(f"Predicted: {class_names[best]} ({probabilities[best]:.1%})")
+    figure.tight_layout()
+    return figure
+
+
+def crossval_curves(folds: Sequence[dict]) -> Figure:
+    """Every fold's training and validation loss and accuracy in one figure (tutorial 004's plot)."""
+    figure, (loss_ax, acc_ax) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for i, fold in enumerate(folds):
+        history = fold["history"]
+        epochs = [e["epoch"] for e in history]
+        for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+            ax.plot(epochs, [e[key] for e in history], color="tab:blue", alpha=0.8,
+                    label="training" if i == 0 else None)
+            ax.plot(epochs, [e[f"val_{key}"] for e in history], color="tab:orange", alpha=0.8,
+                    label="validation (held-out fold)" if i == 0 else None)
+    loss_ax.set_title(f"Cross-entropy loss, {len(folds)} folds")
+    loss_ax.set_ylabel("Loss")
+    acc_ax.set_title(f"Classification accuracy, {len(folds)} folds")
+    acc_ax.set_ylabel("Accuracy")
+    acc_ax.set_xlabel("Epoch")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    acc_ax.xaxis.get_major_locator().set_params(integer=True)
+    figure.tight_layout()
+    return figure
+
+
+def crossval_scores(scores: Sequence[float]) -> Figure:
+    """A box plot of the fold accuracies, each fold marked."""
+    scores_pct = np.asarray(scores) * 100
+    figure, ax = plt.subplots(figsize=(5, 4.5))
+    ax.boxplot(scores_pct)
+    ax.scatter(np.ones(len(scores_pct)), scores_pct, color="tab:orange", zorder=3, label="folds")
+    ax.set_xticks([1], [f"{len(scores_pct)} folds"])
+    ax.set_ylabel("Validation accuracy (%)")
+    ax.set_title(f"k-fold accuracy: mean {scores_pct.mean():.2f}%, std {scores_pct.std():.2f}")
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    return figure
+
+
+FIGURE_KINDS = {
+    "curves": "training and validation accuracy and loss per epoch (from the bundle's history)",
+    "predictions": "a grid of test images titled 'Predicted: X  Label: Y', mistakes in red",
+    "confusion": "confusion matrix heat-map with counts, and per-class accuracy",
+    "mistakes": "the test images the model got wrong with the highest confidence",
+    "evidence": "per-class 28x28 evidence maps (networks whose first layer is dense)",
+    "saliency": "gradient of the predicted class's score with respect to one test image",
+    "probabilities": "one test image beside its 10 class probabilities",
+}
+
+
+def make_figure(kind: str, classifier, dataset=None, index: int = 0, count: int = 16,
+                probabilities: np.ndarray | None = None) -> Figure:
+    """Draw figure ``kind`` (see ``FIGURE_KINDS``) for a classifier and its test set."""
+    from .errors import DeepDigitsError
+    from .evaluate import dense_evidence_maps, saliency_map
+
+    names = classifier.class_names
+    if kind not in FIGURE_KINDS:
+        raise DeepDigitsError(f"unknown figure {kind!r}; expected one of: {', '.join(FIGURE_KINDS)}")
+    if kind == "curves":
+        if not classifier.history:
+            raise DeepDigitsError("this model has no training history to plot")
+        return training_curves(classifier.history, f"{classifier.architecture}: training curves")
+    if kind == "evidence":
+        maps = dense_evidence_maps(classifier.network)
+        return evidence_maps(maps, names, f"{classifier.architecture}: what each pixel says for each class")
+    images, labels = dataset.x_test, dataset.y_test
+    if kind in ("saliency", "probabilities") and not 0 <= index < len(images):
+        raise DeepDigitsError(f"--index: expected 0-{len(images) - 1}, got {index}")
+    if kind == "saliency":
+        gradient, cls, probability = saliency_map(classifier.network, classifier._tensor(images[index]))
+        return saliency_figure(images[index], gradient, names[labels[index]], names[cls], probability)
+    if probabilities is None:
+        probabilities = classifier.predict_proba(images)
+    predicted = probabilities.argmax(axis=1)
+    if kind == "probabilities":
+        return probability_bars(images[index], probabilities[index], names, names[labels[index]])
+    if kind == "predictions":
+        chosen = slice(index, index + count)
+        return predictions_grid(images[chosen], predicted[chosen], labels[chosen], names)
+    if kind == "mistakes":
+        return most_confident_mistakes(images, labels, probabilities, names, count)
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix_figure(confusion_matrix(labels, predicted, labels=range(len(names))), names)

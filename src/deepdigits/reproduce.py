@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -38,11 +39,13 @@ def reproduce(
     epochs: int | None = None,
     train_size: int | None = None,
     seed: int | None = None,
+    save_dir: str | os.PathLike | None = None,
     verbose: int = 1,
 ) -> list[dict]:
     """Train each tutorial's recipe on the full data and return one row per tutorial.
 
     ``epochs`` and ``train_size`` shorten a run for a smoke test; the claims assume neither.
+    With ``save_dir``, each tutorial's model bundle is saved there as ``tutorial-NNN``.
     """
     chosen = tutorials or list(CLAIMS)
     unknown = [t for t in chosen if t not in CLAIMS]
@@ -61,6 +64,8 @@ def reproduce(
         started = time.perf_counter()
         clf = train_recipe(recipe, dataset=dataset, epochs=epochs, seed=seed, verbose=verbose)
         seconds = time.perf_counter() - started
+        if save_dir is not None:
+            clf.save(Path(save_dir) / recipe.name)
         accuracy = float(np.mean(clf.predict(full.x_test) == full.y_test)) * 100.0
         claim = CLAIMS[tutorial]
         rows.append({
