@@ -19,8 +19,8 @@ def test_exact_parameter_counts(name, params):
     assert model(torch.zeros(4, 1, 28, 28)).shape == (4, 10)
 
 
-def test_registry_holds_exactly_the_five_tutorials():
-    assert sorted(REGISTRY) == [f"tutorial-00{i}" for i in range(5)]
+def test_registry_holds_the_five_tutorials_and_ours():
+    assert sorted(REGISTRY) == ["best-cnn", "fast-cnn"] + [f"tutorial-00{i}" for i in range(5)]
 
 
 def test_aliases_resolve():

@@ -63,13 +63,17 @@ class Classifier:
         batch_size: int = 32,
         optimizer: str = "adam",
         learning_rate: float = 0.001,
-        loss: str = "cross-entropy",
         validation_split: float = 0.0,
         validation_data: tuple[np.ndarray, np.ndarray] | None = None,
         seed: int = 0,
         verbose: int = 1,
+        **options,
     ) -> History:
-        """Train on uint8 images (N, 28, 28) and labels; returns the per-epoch history."""
+        """Train on uint8 images (N, 28, 28) and labels; returns the per-epoch history.
+
+        Further ``options`` go to :func:`deepdigits.train.fit`: ``loss``, ``weight_decay``, ``schedule``,
+        ``augment``, ``label_smoothing``, ``ema_decay``, ``bf16``, ``channels_last``.
+        """
         x_train, y_train, x_val, y_val = split_last_fraction(np.asarray(x), np.asarray(y), validation_split)
         if validation_data is not None:
             x_val, y_val = validation_data
@@ -84,8 +88,8 @@ class Classifier:
             x_val=self._tensor(x_val) if len(x_val) else None,
             y_val=_labels(y_val) if len(y_val) else None,
             seed=seed,
-            loss=loss,
             verbose=verbose,
+            **options,
         )
         self.network.to("cpu")
         self.history.extend(history.epochs)
@@ -237,12 +241,8 @@ def train_recipe(
     clf.recipe = chosen.to_dict()
     clf.dataset = {"name": ds.name, "source": ds.source, "sha256": ds.checksums}
     x_train, y_train, x_val, y_val = split_last_fraction(ds.x_train, ds.y_train, chosen.validation_split)
-    clf.fit(
-        x_train, y_train,
-        epochs=chosen.epochs, batch_size=chosen.batch_size, optimizer=chosen.optimizer,
-        learning_rate=chosen.learning_rate, loss=chosen.loss,
-        validation_data=(x_val, y_val) if len(x_val) else None, seed=chosen.seed, verbose=verbose,
-    )
+    clf.fit(x_train, y_train, validation_data=(x_val, y_val) if len(x_val) else None, verbose=verbose,
+            **chosen.fit_options())
     if clf.history:
         clf.metrics = clf.evaluate(ds.x_test, ds.y_test)
     return clf

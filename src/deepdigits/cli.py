@@ -22,6 +22,8 @@ examples:
   deepdigits plot confusion runs/tutorial-003 --out confusion.png
   deepdigits crossval --recipe tutorial-004 --folds 5 --out runs/kfold
   deepdigits report runs/tutorial-003 --out report.html
+  deepdigits predict photo.jpg                  recognise a photo of a digit with the built-in model
+  deepdigits serve                              draw digits in the browser at http://127.0.0.1:8000/
 
 data: --data-dir DIR, or $DEEPDIGITS_DATA (a folder holding mnist/ and fashion-mnist/), or the user
 cache; otherwise the files are downloaded once, verified by SHA-256.
@@ -109,14 +111,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     # predict
     predict = commands.add_parser(
-        "predict", help="predict digits with a saved model",
-        description="Predict test-set images with a saved model, as tutorial 003 printed them.",
+        "predict", help="recognise digits (or whole numbers) in images, or in the test set",
+        description="Recognise the digit in each image (PNG, JPEG, GIF, BMP, TIFF, WebP; a photo or scan is fine: "
+        "it is made MNIST-like first). With --number, read a whole handwritten number per image. With "
+        "--test-index, predict MNIST test images as tutorial 003 printed them. The built-in model is used "
+        "unless --model names another.",
+        epilog="examples:\n  deepdigits predict photo.jpg\n  deepdigits predict scans/ 'more/*.png' --top 3 --json\n"
+        "  deepdigits predict --number cheque.jpg --overlay boxes.png\n"
+        "  deepdigits predict --model runs/cnn --test-index 0-19\n\n"
+        "exit status: 0 all answered, 1 some files failed (each gets a one-line error), 2 usage error",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    predict.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder")
-    predict.add_argument("--test-index", required=True, metavar="RANGE",
-                         help="test images to predict, e.g. 0-19 or 3,7,10-12")
+    predict.add_argument("inputs", nargs="*", metavar="IMAGE|DIR|GLOB", help="images, folders of images, or globs")
+    predict.add_argument("--model", metavar="BUNDLE|FILE.onnx", help="model to use (default: the built-in model)")
+    predict.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                         help="run the model in PyTorch (default) or ONNX Runtime")
+    predict.add_argument("--top", type=int, default=3, metavar="K", help="show the K most probable digits (default: 3)")
+    predict.add_argument("--min-confidence", type=float, default=0.5, metavar="P",
+                         help="below this probability the answer is marked unsure (default: 0.5)")
+    predict.add_argument("--number", action="store_true", help="read a whole number (several digits) per image")
+    predict.add_argument("--overlay", metavar="PATH",
+                         help="with --number: save the image with each digit's box (a folder if several inputs)")
+    predict.add_argument("--test-index", metavar="RANGE", help="predict test-set images instead, e.g. 0-19")
     _data_dir_option(predict)
-    predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    # preprocess
+    prep = commands.add_parser(
+        "preprocess", help="show what the network will see for an image",
+        description="Make an image MNIST-like (polarity, background, crop, 20x20 box, centre of mass) and save "
+        "the 28x28 result, enlarged, as PNG.",
+    )
+    prep.add_argument("image", help="an image of one digit")
+    prep.add_argument("--out", required=True, metavar="FILE.png", help="where to write what the network sees")
+    prep.add_argument("--zoom", type=int, default=10, help="enlargement factor (default: 10, i.e. 280x280)")
+
+    # export
+    export = commands.add_parser("export", help="export a model bundle to ONNX",
+                                 description="Export a model bundle to ONNX (input: float images (N, 1, 28, 28) "
+                                 "scaled to [0, 1]; output: probabilities) and check it in ONNX Runtime.")
+    export.add_argument("bundle", nargs="?", help="model bundle folder (default: the built-in model)")
+    export.add_argument("--onnx", required=True, metavar="FILE.onnx", help="where to write the ONNX model")
 
     # reproduce
     repro = commands.add_parser(
@@ -134,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--train-size", type=int, metavar="N",
                        help="train on the first N images only (a smoke run, not a reproduction)")
     repro.add_argument("-q", "--quiet", action="store_true", help="no training progress")
+
+    # serve
+    serve = commands.add_parser(
+        "serve", help="web page to draw digits, and an HTTP API",
+        description="Serve the drawing page at / and the HTTP API (/api/predict, /api/predict/batch, "
+        "/api/read-number, /api/model, /healthz; OpenAPI docs at /docs). Works offline.",
+    )
+    serve.add_argument("--model", metavar="BUNDLE|FILE.onnx", help="model to serve (default: the built-in model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
 
     # plot
     from .plots import FIGURE_KINDS
@@ -310,10 +355,33 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
-    from .data import parse_index_range
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 
-    clf, ds = _load_bundle_and_test_set(args.model, args.data_dir)
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files as given; folders -> the images inside (sorted); globs -> their matches (sorted)."""
+    import glob
+
+    files: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(str(p) for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(c in item for c in "*?[") and not path.exists():
+            matches = sorted(glob.glob(item, recursive=True))
+            files.extend(matches if matches else [item])
+        else:
+            files.append(item)
+    return files
+
+
+def _predict_test_set(args) -> int:
+    from .data import load_dataset, parse_index_range
+    from .recognize import resolve_model
+
+    clf = resolve_model(args.model, args.runtime)
+    dataset_name = (getattr(clf, "dataset", None) or {}).get("name", "mnist")
+    ds = load_dataset(dataset_name, data_dir=args.data_dir)
     indices = parse_index_range(args.test_index, len(ds.x_test))
     probabilities = clf.predict_proba(ds.x_test[indices])
     predicted = probabilities.argmax(axis=1)
@@ -333,6 +401,116 @@ def cmd_predict(args) -> int:
     print(f"predictions: [{' '.join(str(int(p)) for p in predicted)}]")
     print(f"labels:      [{' '.join(str(int(y)) for y in labels)}]")
     print(f"{int((predicted == labels).sum())}/{len(indices)} correct")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from .preprocess import to_mnist
+    from .recognize import _predictions, draw_boxes, read_number, resolve_model
+
+    if args.test_index:
+        if args.inputs:
+            raise DeepDigitsError("give either image files or --test-index, not both")
+        return _predict_test_set(args)
+    if not args.inputs:
+        raise DeepDigitsError("no images given; expected IMAGE|DIR|GLOB arguments or --test-index RANGE")
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise DeepDigitsError(f"--min-confidence: expected a probability in [0, 1], got {args.min_confidence}")
+    if args.top < 1:
+        raise DeepDigitsError(f"--top: expected at least 1, got {args.top}")
+    if args.overlay and not args.number:
+        raise DeepDigitsError("--overlay draws digit boxes and needs --number")
+    files = expand_inputs(args.inputs)
+    if not files:
+        raise DeepDigitsError(f"no image files found in: {' '.join(args.inputs)}")
+    clf = resolve_model(args.model, args.runtime)
+    failures = 0
+    results: list[dict] = []
+
+    def fail(file: str, exc: Exception) -> None:
+        nonlocal failures
+        failures += 1
+        message = str(exc) if str(exc).startswith(file) else f"{file}: {exc}"
+        print(f"deepdigits: error: {message}", file=sys.stderr)
+
+    if args.number:
+        for file in files:
+            try:
+                reading = read_number(file, clf, args.min_confidence)
+            except DeepDigitsError as exc:
+                fail(file, exc)
+                continue
+            results.append({"file": file, **reading.to_dict()})
+            if args.overlay:
+                target = Path(args.overlay)
+                if len(files) > 1:
+                    target = target / f"{Path(file).stem}-boxes.png"
+                from .atomic import atomic_write
+
+                image = draw_boxes(file, reading)
+                atomic_write(target, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        if args.json:
+            _print_json(results)
+        else:
+            for r in results:
+                confidences = " ".join(f"{d['class_name']}:{d['confidence']:.2f}" for d in r["digits"])
+                flag = "  (unsure)" if r["unsure"] else ""
+                print(f"{r['file']}  {r['number']}{flag}   [{confidences}]")
+            if args.overlay and results:
+                print(f"wrote {args.overlay}")
+        return 1 if failures else 0
+
+    seen, names = [], []
+    for file in files:
+        try:
+            seen.append(to_mnist(file))
+            names.append(file)
+        except DeepDigitsError as exc:
+            fail(file, exc)
+    if seen:
+        for file, prediction in zip(names, _predictions(clf, np.stack(seen), args.top, args.min_confidence),
+                                    strict=True):
+            results.append({"file": file, **prediction.to_dict()})
+    if args.json:
+        _print_json([{k: r[k] for k in ("file", "digit", "confidence", "top", "unsure", "probabilities")}
+                     for r in results])
+    elif results:
+        width = max(len("file"), *(len(r["file"]) for r in results))
+        print(f"{'file':<{width}}  digit  confidence  top {args.top}")
+        for r in results:
+            top = ", ".join(f"{t['digit']} {t['probability']:.2f}" for t in r["top"])
+            flag = "  unsure" if r["unsure"] else ""
+            print(f"{r['file']:<{width}}  {r['class_name']:>5}  {r['confidence']:>10.3f}  {top}{flag}")
+    return 1 if failures else 0
+
+
+def cmd_preprocess(args) -> int:
+    from PIL import Image
+
+    from .atomic import atomic_write
+    from .preprocess import to_mnist
+
+    if not 1 <= args.zoom <= 50:
+        raise DeepDigitsError(f"--zoom: expected 1-50, got {args.zoom}")
+    seen = Image.fromarray(to_mnist(args.image)).resize((28 * args.zoom, 28 * args.zoom), Image.Resampling.NEAREST)
+    atomic_write(args.out, lambda tmp: seen.save(tmp, format="PNG"))
+    print(f"wrote {args.out} (the 28x28 image the network sees, {args.zoom}x enlarged)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import numpy as np
+
+    from .export import OnnxClassifier, export_onnx
+    from .recognize import resolve_model
+
+    clf = resolve_model(args.bundle)
+    path = export_onnx(clf, args.onnx)
+    probe = np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    difference = float(np.abs(OnnxClassifier(path).predict_proba(probe) - clf.predict_proba(probe)).max())
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); ONNX Runtime matches PyTorch within {difference:.1e}")
     return 0
 
 
@@ -399,6 +577,15 @@ def cmd_crossval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    if not 0 < args.port < 65536:
+        raise DeepDigitsError(f"--port: expected 1-65535, got {args.port}")
+    serve(args.model, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
@@ -415,9 +602,12 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "reproduce": cmd_reproduce,
+    "preprocess": cmd_preprocess,
+    "export": cmd_export,
     "plot": cmd_plot,
     "crossval": cmd_crossval,
     "report": cmd_report,
+    "serve": cmd_serve,
 }
 
 

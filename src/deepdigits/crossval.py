@@ -63,9 +63,8 @@ def cross_validate(
                          seed=seed + fold)
         initial = weights_fingerprint(clf.network)
         started = time.perf_counter()
-        clf.fit(x[train_idx], y[train_idx], epochs=chosen.epochs, batch_size=chosen.batch_size,
-                optimizer=chosen.optimizer, learning_rate=chosen.learning_rate, loss=chosen.loss,
-                validation_data=(x[val_idx], y[val_idx]), seed=seed + fold, verbose=verbose)
+        options = {**chosen.fit_options(), "seed": seed + fold}
+        clf.fit(x[train_idx], y[train_idx], validation_data=(x[val_idx], y[val_idx]), verbose=verbose, **options)
         if clf.interrupted:
             raise KeyboardInterrupt
         accuracy = float(np.mean(clf.predict(x[val_idx]) == y[val_idx]))

@@ -134,6 +134,35 @@ def _tutorial_004() -> nn.Sequential:
     )
 
 
+# --------------------------------------------------------------------------- beyond the tutorials
+
+
+def _conv_bn(inputs: int, outputs: int, kernel: int = 3) -> list[nn.Module]:
+    return [nn.Conv2d(inputs, outputs, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(outputs), nn.ReLU()]
+
+
+@register("fast-cnn", "Conv 16 5x5 relu, MaxPool 2, Conv 32 5x5 relu, MaxPool 2, Dense 10 softmax: small and quick")
+def _fast_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 4 * 32, N_CLASSES),
+    )
+
+
+@register(
+    "best-cnn",
+    "VGG-style: 2x Conv 32, pool, 2x Conv 64, pool, Conv 128, pool (3x3, batch norm, relu), Dense 10 softmax",
+)
+def _best_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        *_conv_bn(1, 32), *_conv_bn(32, 32), nn.MaxPool2d(2),
+        *_conv_bn(32, 64), *_conv_bn(64, 64), nn.MaxPool2d(2),
+        *_conv_bn(64, 128), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.2), nn.Linear(3 * 3 * 128, N_CLASSES),
+    )
+
+
 # --------------------------------------------------------------------------- summary
 
 # torch module -> (Keras layer type, Keras's default layer name)

@@ -32,9 +32,23 @@ class Recipe:
     dataset: str = "mnist"
     seed: int = 0
     description: str = ""
+    # Beyond the tutorials (all off by default, so the tutorial recipes stay as they were):
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # or "onecycle": warm up to learning_rate, then anneal, stepped per batch
+    augment: bool = False  # small random affine transforms of every training batch, see augment_batch
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # >0: evaluate and keep an exponential moving average of the weights
+    bf16: bool = False  # bfloat16 autocast for the forward pass (fast on CPUs with AVX-512 BF16 and on GPUs)
+    channels_last: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def fit_options(self) -> dict:
+        """The keyword arguments of ``fit`` this recipe sets."""
+        names = ("optimizer", "learning_rate", "batch_size", "epochs", "seed", "loss", "weight_decay", "schedule",
+                 "augment", "label_smoothing", "ema_decay", "bf16", "channels_last")
+        return {name: getattr(self, name) for name in names}
 
     def with_overrides(self, **overrides) -> Recipe:
         """A copy with the given fields changed; ``None`` values are ignored."""
@@ -69,6 +83,12 @@ RECIPES: dict[str, Recipe] = {
             "tutorial-004", "tutorial-004", "rmsprop", 0.001, 128, 5,
             description="Tutorial 004: 512 dense net, RMSprop, batch 128, 5 epochs",
         ),
+        Recipe(
+            "best", "best-cnn", "adamw", 0.003, 128, 15, weight_decay=5e-4, schedule="onecycle", augment=True,
+            label_smoothing=0.1, ema_decay=0.999, bf16=True, channels_last=True,
+            description="Best single network: batch-norm CNN, random affine augmentation, AdamW one-cycle, "
+            "label smoothing, weight averaging",
+        ),
     )
 }
 
@@ -95,15 +115,44 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
-def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optimizer:
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "adamw", "nesterov")
+
+
+def make_optimizer(name: str, params, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """The optimizer with Keras's defaults (which differ from PyTorch's for epsilon and RMSprop's rho)."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=learning_rate)
+        return torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(params, lr=learning_rate, betas=(0.9, 0.999), eps=1e-7)
+        return torch.optim.Adam(params, lr=learning_rate, betas=(0.9, 0.999), eps=1e-7, weight_decay=weight_decay)
     if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=learning_rate, alpha=0.9, eps=1e-7)
-    raise DeepDigitsError(f"unknown optimizer {name!r}; expected sgd, adam or rmsprop")
+        return torch.optim.RMSprop(params, lr=learning_rate, alpha=0.9, eps=1e-7, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "nesterov":
+        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    raise DeepDigitsError(f"unknown optimizer {name!r}; expected one of: {', '.join(OPTIMIZERS)}")
+
+
+def augment_batch(
+    x: torch.Tensor, generator: torch.Generator, degrees: float = 10.0, translate: float = 0.1,
+    scale: tuple[float, float] = (0.9, 1.1),
+) -> torch.Tensor:
+    """Random affine transform of each image: rotation, shift (fraction of the width) and zoom.
+
+    Done on the whole batch with one ``affine_grid``/``grid_sample``, so it costs little next to the network.
+    """
+    n = x.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    angle = uniform(-degrees, degrees) * (math.pi / 180.0)
+    zoom = uniform(*scale)
+    shift_x, shift_y = uniform(-2 * translate, 2 * translate), uniform(-2 * translate, 2 * translate)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def default_device() -> torch.device:
@@ -135,6 +184,30 @@ def evaluate_batches(network: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
         correct += (logits.argmax(1) == target).sum().item()
     network.train(was_training)
     return {"loss": loss_sum / max(len(x), 1), "accuracy": correct / max(len(x), 1)}
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights and batch-norm statistics.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) over the first updates; without the warm-up a
+    short run's average would still be mostly the random initial weights (measured: 11% accuracy after
+    one epoch with decay 0.999, against 99.2% for the raw weights).
+    """
+
+    def __init__(self, network: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(network)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, network: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for average, current in zip(self.module.state_dict().values(), network.state_dict().values(), strict=True):
+            if average.dtype.is_floating_point:
+                average.mul_(decay).add_(current, alpha=1.0 - decay)
+            else:
+                average.copy_(current)
 
 
 class _Progress:
@@ -195,6 +268,13 @@ def fit(
     y_val: torch.Tensor | None = None,
     seed: int = 0,
     loss: str = "cross-entropy",
+    weight_decay: float = 0.0,
+    schedule: str = "constant",
+    augment: bool = False,
+    label_smoothing: float = 0.0,
+    ema_decay: float = 0.0,
+    bf16: bool = False,
+    channels_last: bool = False,
     verbose: int = 1,
     device: torch.device | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
@@ -202,22 +282,38 @@ def fit(
     """Train ``network`` in place on in-memory tensors, shuffling every epoch as Keras's ``fit`` does.
 
     ``x`` is float (N, 1, 28, 28), ``y`` int64 labels. Ctrl-C stops training and restores the
-    weights of the last finished epoch (``History.interrupted`` is then True).
+    weights of the last finished epoch (``History.interrupted`` is then True). With ``ema_decay``,
+    validation uses, and training ends with, the moving average of the weights.
     """
     if len(x) == 0:
         raise DeepDigitsError("training data is empty")
     if loss not in LOSSES:
         raise DeepDigitsError(f"unknown loss {loss!r}; expected one of: {', '.join(LOSSES)}")
+    if schedule not in ("constant", "onecycle"):
+        raise DeepDigitsError(f"unknown schedule {schedule!r}; expected constant or onecycle")
+    if label_smoothing and loss != "cross-entropy":
+        raise DeepDigitsError("label smoothing needs loss 'cross-entropy'")
     loss_fn = LOSSES[loss]
+    if label_smoothing:
+        def loss_fn(logits, target):
+            return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
     device = device or default_device()
-    network.to(device)
-    x, y = x.to(device), y.to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    network.to(device, memory_format=memory_format)
+    x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
     if x_val is not None and y_val is not None:
-        x_val, y_val = x_val.to(device), y_val.to(device)
-    opt = make_optimizer(optimizer, network.parameters(), learning_rate)
-    shuffle = torch.Generator(device="cpu").manual_seed(seed)
-    torch.manual_seed(seed)  # dropout masks
+        x_val, y_val = x_val.to(device).contiguous(memory_format=memory_format), y_val.to(device)
+    opt = make_optimizer(optimizer, network.parameters(), learning_rate, weight_decay)
     steps = math.ceil(len(x) / batch_size)
+    scheduler = None
+    if schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=learning_rate, total_steps=epochs * steps,
+                                                        pct_start=0.25)
+    averaged = WeightAverage(network, ema_decay) if ema_decay else None
+    shuffle = torch.Generator(device="cpu").manual_seed(seed)
+    augment_rng = torch.Generator(device="cpu").manual_seed(seed + 1)
+    torch.manual_seed(seed)  # dropout masks
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     history = History()
     progress = _Progress(epochs, steps, verbose)
     last_good = copy.deepcopy(network.state_dict())
@@ -234,11 +330,18 @@ def fit(
             for step in range(1, steps + 1):
                 idx = order[(step - 1) * batch_size : step * batch_size]
                 xb, yb = x[idx], y[idx]
-                logits = network(xb)
+                if augment:
+                    xb = augment_batch(xb, augment_rng)
+                with autocast:
+                    logits = network(xb).float()
                 batch_loss = loss_fn(logits, yb)
                 opt.zero_grad(set_to_none=True)
                 batch_loss.backward()
                 opt.step()
+                if scheduler is not None:
+                    scheduler.step()
+                if averaged is not None:
+                    averaged.update(network)
                 loss_sum += batch_loss.detach() * len(idx)
                 correct += (logits.detach().argmax(1) == yb).sum()
                 seen += len(idx)
@@ -246,7 +349,7 @@ def fit(
                     progress.step(step, loss_sum.item() / seen, correct.item() / seen)
             metrics = {"epoch": epoch, "loss": loss_sum.item() / seen, "accuracy": correct.item() / seen}
             if x_val is not None and y_val is not None and len(x_val):
-                val = evaluate_batches(network, x_val, y_val)
+                val = evaluate_batches(averaged.module if averaged is not None else network, x_val, y_val)
                 metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             metrics["seconds"] = time.perf_counter() - epoch_start
             if not math.isfinite(metrics["loss"]):
@@ -255,17 +358,20 @@ def fit(
                     f"try a smaller learning rate than {learning_rate}"
                 )
             history.epochs.append(metrics)
-            last_good = copy.deepcopy(network.state_dict())
+            final = averaged.module if averaged is not None else network
+            last_good = copy.deepcopy(final.state_dict())
             progress.end_epoch(epoch, metrics)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
     except KeyboardInterrupt:
-        network.load_state_dict(last_good)
         history.interrupted = True
         if verbose:
             print(f"Interrupted: keeping the weights of epoch {len(history.epochs)}.", file=sys.stderr)
     finally:
         progress.close()
+    # the last finished epoch's weights (the averaged ones with ema_decay); plain layout for saving
+    network.load_state_dict(last_good)
+    network.to(memory_format=torch.contiguous_format)
     history.train_seconds = time.perf_counter() - started
     network.eval()
     return history

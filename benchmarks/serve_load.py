@@ -1,0 +1,122 @@
+"""Load test of `deepdigits serve` on loopback: N concurrent clients for a bounded time.
+
+Starts the real server (uvicorn) on a free 127.0.0.1 port, sends /api/predict requests with a drawn-digit
+PNG from each client for --seconds, and prints requests/s, p50/p99 latency and the error count as Markdown.
+
+    python benchmarks/serve_load.py --clients 8 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def drawn_seven() -> bytes:
+    """A 280x280 PNG like the drawing page sends: a thick dark 7 on white."""
+    image = Image.new("L", (280, 280), 255)
+    draw = ImageDraw.Draw(image)
+    draw.line([(80, 70), (200, 70), (120, 230)], fill=20, width=22, joint="curve")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            connection.request("GET", "/healthz")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("server did not start")
+
+
+def client(port: int, body: bytes, stop_at: float, latencies: list[float], errors: list[str]) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    while time.perf_counter() < stop_at:
+        started = time.perf_counter()
+        try:
+            connection.request("POST", "/api/predict", body=body, headers={"Content-Type": "image/png"})
+            response = connection.getresponse()
+            payload = response.read()
+            if response.status != 200 or b'"digit":7' not in payload:
+                errors.append(f"{response.status}: {payload[:80]!r}")
+                continue
+        except OSError as exc:
+            errors.append(repr(exc))
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            continue
+        latencies.append(time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients (runs)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="duration of each run (bounded)")
+    parser.add_argument("--model", help="model bundle to serve (default: the built-in model)")
+    args = parser.parse_args()
+
+    port = free_port()
+    command = [sys.executable, "-m", "deepdigits", "serve", "--port", str(port)]
+    if args.model:
+        command += ["--model", args.model]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_up(port)
+        body = drawn_seven()
+        rows = []
+        for clients in args.clients:
+            latencies: list[float] = []
+            errors: list[str] = []
+            stop_at = time.perf_counter() + args.seconds
+            threads = [threading.Thread(target=client, args=(port, body, stop_at, latencies, errors))
+                       for _ in range(clients)]
+            started = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - started
+            ms = np.array(latencies) * 1000
+            rows.append((clients, len(latencies), len(latencies) / elapsed,
+                         float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+                         float(np.percentile(ms, 99)) if len(ms) else float("nan"), len(errors)))
+            if errors:
+                print(f"first error with {clients} clients: {errors[0]}", file=sys.stderr)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}, "
+          f"{__import__('os').cpu_count()} cores; {args.seconds:.0f} s per run; POST /api/predict with a 280x280 PNG")
+    print()
+    print("| clients | requests | requests/s | p50 ms | p99 ms | errors |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for clients, n, rate, p50, p99, errors in rows:
+        print(f"| {clients} | {n} | {rate:.1f} | {p50:.1f} | {p99:.1f} | {errors} |")
+    if any(r[5] for r in rows):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

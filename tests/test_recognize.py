@@ -1,0 +1,197 @@
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepdigits.cli import main
+from deepdigits.export import OnnxClassifier, export_onnx
+from deepdigits.preprocess import to_mnist
+from deepdigits.recognize import BUILTIN_MODEL, builtin_model, predict_digit, read_number, segment_digits
+from handwriting import render_digit, render_number
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------- the built-in model
+
+
+def test_builtin_model_is_small_accurate_and_documented(mnist):
+    size = sum(p.stat().st_size for p in BUILTIN_MODEL.iterdir())
+    assert size < 5_000_000
+    meta = json.loads((BUILTIN_MODEL / "model.json").read_text())
+    assert meta["command"].startswith("deepdigits train --recipe best")
+    assert meta["dataset"]["name"] == "mnist" and meta["metrics"]["accuracy"] >= 0.995
+    accuracy = float((builtin_model().predict(mnist.x_test) == mnist.y_test).mean())
+    assert accuracy == pytest.approx(meta["metrics"]["accuracy"], abs=1e-4) and accuracy >= 0.995
+
+
+# --------------------------------------------------------------------------- realistic photos
+
+
+def test_photos_of_digits_are_recognised(mnist):
+    rng = np.random.default_rng(1)
+    indices = rng.choice(len(mnist.x_test), 150, replace=False)
+    right = sum(predict_digit(render_digit(mnist.x_test[i], rng)).digit == mnist.y_test[i] for i in indices)
+    # measured 99.3% (149/150) with the built-in model; chance would be 10%
+    assert right / len(indices) >= 0.95
+
+
+def test_numbers_are_read(mnist):
+    rng = np.random.default_rng(2)
+    exact, digits_right, digits_total = 0, 0, 0
+    trials = 40
+    for _ in range(trials):
+        count = int(rng.integers(2, 7))
+        picks = rng.choice(len(mnist.x_test), count, replace=False)
+        truth = "".join(str(mnist.y_test[i]) for i in picks)
+        reading = read_number(render_number([mnist.x_test[i] for i in picks], rng))
+        exact += reading.number == truth
+        if len(reading.number) == len(truth):
+            digits_right += sum(a == b for a, b in zip(reading.number, truth, strict=True))
+        digits_total += len(truth)
+        boxes = [d.box for d in reading.digits]
+        assert boxes == sorted(boxes, key=lambda b: b[0])  # left to right
+    # measured: 39/40 numbers exactly right
+    assert exact / trials >= 0.85
+    assert digits_right / digits_total >= 0.9
+
+
+def test_touching_digits_are_split(mnist):
+    # two digits pasted so their strokes overlap by a few pixels
+    a, b = (np.asarray(Image.fromarray(255 - mnist.x_test[i]).resize((120, 120))) for i in (1, 3))  # 2 and 0
+    canvas = np.full((200, 300), 255, np.uint8)
+    canvas[40:160, 30:150] = np.minimum(canvas[40:160, 30:150], a)
+    canvas[40:160, 128:248] = np.minimum(canvas[40:160, 128:248], b)
+    reading = read_number(canvas)
+    assert reading.number == "20"
+
+
+def test_broken_stroke_is_merged(mnist):
+    digit = np.asarray(Image.fromarray(mnist.x_test[15]).resize((140, 140))).copy()  # a 5
+    digit[52:56, :] = 0  # cut the 5's flag off horizontally
+    pieces = segment_digits(np.pad(digit, 30).astype(np.float32) / 255)
+    assert len(pieces) == 1
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def test_onnx_export_matches_pytorch(mnist, tmp_path):
+    clf = builtin_model()
+    path = export_onnx(clf, tmp_path / "model.onnx")
+    onnx_model = OnnxClassifier(path)
+    images = mnist.x_test[:500]
+    assert np.abs(onnx_model.predict_proba(images) - clf.predict_proba(images)).max() < 1e-4
+    assert onnx_model.class_names == clf.class_names
+
+
+def test_bad_onnx_file(tmp_path):
+    from deepdigits.errors import DeepDigitsError
+
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(b"not onnx")
+    with pytest.raises(DeepDigitsError, match=r"junk\.onnx: not a readable ONNX model"):
+        OnnxClassifier(path)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def photos(mnist, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        (folder / f"digit{i}.jpg").write_bytes(render_digit(mnist.x_test[i], rng))
+    (folder / "number.jpg").write_bytes(render_number([mnist.x_test[i] for i in (0, 1, 2)], rng))
+    return folder
+
+
+def test_predict_files_table_and_json(capsys, photos):
+    code, out, _ = run(capsys, "predict", *(photos / f"digit{i}.jpg" for i in range(4)), "--top", "2")
+    assert code == 0
+    rows = out.strip().splitlines()[1:]
+    assert [r.split()[1] for r in rows] == ["7", "2", "1", "0"]
+    code, out, _ = run(capsys, "predict", photos / "digit0.jpg", "--json")
+    (row,) = json.loads(out)
+    assert set(row) == {"file", "digit", "confidence", "top", "unsure", "probabilities"}
+    assert row["digit"] == 7 and len(row["top"]) == 3 and row["unsure"] is False
+
+
+def test_predict_glob_and_dir(capsys, photos):
+    code, out, _ = run(capsys, "predict", str(photos / "digit*.jpg"), "--json")
+    assert code == 0 and [r["digit"] for r in json.loads(out)] == [7, 2, 1, 0]
+    code, out, _ = run(capsys, "predict", photos, "--json")
+    assert len(json.loads(out)) == 5
+
+
+def test_min_confidence_marks_unsure(capsys, photos):
+    code, out, _ = run(capsys, "predict", photos / "digit1.jpg", "--min-confidence", "1.0", "--json")
+    assert code == 0 and json.loads(out)[0]["unsure"] is True
+    _, out, _ = run(capsys, "predict", photos / "digit1.jpg", "--min-confidence", "1.0")
+    assert out.strip().endswith("unsure")
+
+
+def test_bad_files_fail_alone(capsys, photos, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("shopping list")
+    cut = (photos / "digit2.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(cut[: len(cut) // 3])
+    code, out, err = run(capsys, "predict", photos / "digit0.jpg", tmp_path / "empty.png", tmp_path / "notes.png",
+                         tmp_path / "cut.jpg", tmp_path / "missing.png", "--json")
+    assert code == 1
+    assert [r["digit"] for r in json.loads(out)] == [7]
+    lines = err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("deepdigits: error: ") for line in lines)
+    assert "empty.png: empty file" in err and "notes.png: not an image" in err
+    assert "cut.jpg: damaged or truncated image" in err and "missing.png: no such file" in err
+
+
+def test_predict_number_with_overlay(capsys, photos, tmp_path):
+    overlay = tmp_path / "boxes.png"
+    code, out, _ = run(capsys, "predict", "--number", photos / "number.jpg", "--overlay", overlay, "--json")
+    (row,) = json.loads(out)
+    assert code == 0 and row["number"] == "721" and len(row["digits"]) == 3
+    assert all(len(d["box"]) == 4 for d in row["digits"])
+    with Image.open(overlay) as image:
+        assert image.mode == "RGB" and image.size == Image.open(photos / "number.jpg").size
+
+
+def test_predict_runtime_onnx_agrees(capsys, photos):
+    _, torch_out, _ = run(capsys, "predict", photos, "--json")
+    code, onnx_out, _ = run(capsys, "predict", photos, "--json", "--runtime", "onnx")
+    assert code == 0
+    for a, b in zip(json.loads(torch_out), json.loads(onnx_out), strict=True):
+        assert a["digit"] == b["digit"] and abs(a["confidence"] - b["confidence"]) < 1e-4
+
+
+def test_export_and_preprocess_commands(capsys, photos, tmp_path):
+    code, out, _ = run(capsys, "export", "--onnx", tmp_path / "m.onnx")
+    assert code == 0 and "ONNX Runtime matches PyTorch within" in out
+    code, out, _ = run(capsys, "predict", photos / "digit3.jpg", "--model", tmp_path / "m.onnx", "--json")
+    assert json.loads(out)[0]["digit"] == 0
+    code, out, _ = run(capsys, "preprocess", photos / "digit0.jpg", "--out", tmp_path / "seen.png")
+    with Image.open(tmp_path / "seen.png") as seen:
+        assert seen.size == (280, 280)
+        small = np.asarray(seen.resize((28, 28), Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(small, to_mnist(photos / "digit0.jpg"))
+
+
+def test_predict_usage_errors(capsys):
+    code, _, err = run(capsys, "predict")
+    assert code == 1 and "no images given" in err
+    code, _, err = run(capsys, "predict", "x.png", "--min-confidence", "2")
+    assert code == 1 and "--min-confidence: expected a probability" in err
+
+
+def test_predict_from_bytes_and_pil(mnist):
+    image = Image.fromarray(255 - mnist.x_test[0]).resize((100, 100))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    assert predict_digit(buffer.getvalue()).digit == 7 and predict_digit(image).digit == 7
