@@ -38,7 +38,7 @@ def test_photos_of_digits_are_recognised(mnist):
     rng = np.random.default_rng(1)
     indices = rng.choice(len(mnist.x_test), 150, replace=False)
     right = sum(predict_digit(render_digit(mnist.x_test[i], rng)).digit == mnist.y_test[i] for i in indices)
-    # measured 99.3% (149/150) with the built-in model; chance would be 10%
+    # benchmarks/recognition.py measured 99.2% (496 of 500) with the built-in model; chance is 10%
     assert right / len(indices) >= 0.95
 
 
@@ -57,7 +57,7 @@ def test_numbers_are_read(mnist):
         digits_total += len(truth)
         boxes = [d.box for d in reading.digits]
         assert boxes == sorted(boxes, key=lambda b: b[0])  # left to right
-    # measured: 39/40 numbers exactly right
+    # benchmarks/recognition.py measured 94 of 100 numbers exactly right, 96.2% of their digits
     assert exact / trials >= 0.85
     assert digits_right / digits_total >= 0.9
 
