@@ -13,7 +13,7 @@ or step by step with ``load_dataset``, ``Classifier(architecture).fit(...)``, ``
 
 __version__ = "0.1.0"
 
-from .classifier import Classifier, load, train_recipe
+from .classifier import Classifier, combine, load, train_recipe
 from .data import DATASETS, Dataset, load_dataset
 from .errors import BundleError, DataError, DeepDigitsError
 from .models import REGISTRY, build_model, summary
@@ -31,6 +31,7 @@ __all__ = [
     "Recipe",
     "__version__",
     "build_model",
+    "combine",
     "get_recipe",
     "load",
     "load_dataset",

@@ -18,7 +18,7 @@ from .data import Dataset, load_dataset
 from .data import validation_split as split_last_fraction
 from .errors import BundleError, DeepDigitsError
 from .evaluate import metrics_from_probabilities
-from .models import build_model, count_params, resolve_name, summary, summary_dict
+from .models import build_ensemble, build_model, count_params, resolve_name, summary, summary_dict
 from .preprocess import DEFAULT_SCALE, to_tensor
 from .train import History, Recipe, default_device, fit, get_recipe
 
@@ -39,9 +39,14 @@ class Classifier:
         class_names: Sequence[str] | None = None,
         input_scale: float = DEFAULT_SCALE,
         seed: int | None = 0,
+        members: Sequence[str] | None = None,
     ):
-        self.architecture = resolve_name(architecture)
-        self.network = build_model(self.architecture, seed=seed)
+        if architecture == "ensemble":
+            self.architecture = "ensemble"
+            self.network = build_ensemble(list(members or []), seed=seed)
+        else:
+            self.architecture = resolve_name(architecture)
+            self.network = build_model(self.architecture, seed=seed)
         self.class_names = tuple(class_names) if class_names is not None else tuple(str(d) for d in range(10))
         self.input_scale = input_scale
         self.recipe: dict | None = None
@@ -125,6 +130,7 @@ class Classifier:
     def metadata(self) -> dict:
         return {
             "architecture": self.architecture,
+            "members": getattr(self.network, "architectures", None),
             "config": summary_dict(self.network, self.architecture),
             "class_names": list(self.class_names),
             "dataset": self.dataset,
@@ -174,6 +180,7 @@ class Classifier:
                 class_names=meta.get("class_names"),
                 input_scale=float(meta.get("preprocessing", {}).get("input_scale", DEFAULT_SCALE)),
                 seed=None,
+                members=meta.get("members"),
             )
         except DeepDigitsError as exc:
             raise BundleError(f"{path}: {exc}") from None
@@ -233,6 +240,17 @@ def train_recipe(
     )
     _check_positive(epochs=chosen.epochs, batch_size=chosen.batch_size, learning_rate=chosen.learning_rate)
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(chosen.dataset, data_dir=data_dir)
+    if chosen.members:  # an ensemble recipe: train each member with its own seed, then average them
+        trained = []
+        for i in range(chosen.members):
+            if verbose:
+                print(f"Ensemble member {i + 1}/{chosen.members}", file=sys.stderr)
+            trained.append(train_recipe(chosen.member_recipe, dataset=ds, epochs=epochs, batch_size=batch_size,
+                                        learning_rate=learning_rate, seed=chosen.seed + i, verbose=verbose))
+        clf = combine(trained)
+        clf.recipe = {**chosen.to_dict(), "members": [m.recipe for m in trained]}
+        clf.metrics = clf.evaluate(ds.x_test, ds.y_test)
+        return clf
     if verbose:
         print(f"Data: {ds.name} from {ds.source}", file=sys.stderr)
         print(f"Recipe: {chosen.name} — {chosen.description} (device: {default_device()})", file=sys.stderr)
@@ -245,6 +263,31 @@ def train_recipe(
             **chosen.fit_options())
     if clf.history:
         clf.metrics = clf.evaluate(ds.x_test, ds.y_test)
+    return clf
+
+
+def combine(classifiers: Sequence[Classifier]) -> Classifier:
+    """An ensemble of trained classifiers (probabilities averaged); they must share classes and preprocessing."""
+    import copy
+
+    from .models import Ensemble
+
+    if len(classifiers) < 2:
+        raise DeepDigitsError(f"an ensemble needs at least 2 members, got {len(classifiers)}")
+    first = classifiers[0]
+    for other in classifiers[1:]:
+        if other.class_names != first.class_names or other.input_scale != first.input_scale:
+            raise DeepDigitsError("ensemble members must share class names and input scaling")
+        if isinstance(other.network, Ensemble) or isinstance(first.network, Ensemble):
+            raise DeepDigitsError("ensemble members must be single networks, not ensembles")
+    architectures = [c.architecture for c in classifiers]
+    clf = Classifier("ensemble", class_names=first.class_names, input_scale=first.input_scale, seed=None,
+                     members=architectures)
+    clf.network = Ensemble([copy.deepcopy(c.network).eval() for c in classifiers], architectures)
+    clf.dataset = first.dataset
+    clf.recipe = {"name": "ensemble", "members": [c.recipe for c in classifiers]}
+    clf.train_seconds = sum(c.train_seconds for c in classifiers)
+    clf.extra = {"member_metrics": [(c.metrics or {}).get("accuracy") for c in classifiers]}
     return clf
 
 

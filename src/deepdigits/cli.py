@@ -170,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on the first N images only (a smoke run, not a reproduction)")
     repro.add_argument("-q", "--quiet", action="store_true", help="no training progress")
 
+    # ensemble
+    ens = commands.add_parser(
+        "ensemble", help="combine trained model bundles into one ensemble bundle",
+        description="Combine two or more trained model bundles into an ensemble (probabilities averaged), "
+        "evaluate it on the test set and save it as a bundle that evaluate, predict, serve and export accept.",
+    )
+    ens.add_argument("bundles", nargs="+", metavar="BUNDLE", help="member bundles (at least 2)")
+    ens.add_argument("--out", required=True, metavar="DIR", help="where to write the ensemble bundle")
+    _data_dir_option(ens)
+
     # serve
     serve = commands.add_parser(
         "serve", help="web page to draw digits, and an HTTP API",
@@ -577,6 +587,24 @@ def cmd_crossval(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    from .classifier import combine, load
+    from .data import load_dataset
+    from .evaluate import format_metrics
+
+    members = [load(path) for path in args.bundles]
+    clf = combine(members)
+    ds = load_dataset((clf.dataset or {}).get("name", "mnist"), data_dir=args.data_dir)
+    clf.metrics = clf.evaluate(ds.x_test, ds.y_test)
+    for path, member in zip(args.bundles, members, strict=True):
+        accuracy = float((member.predict(ds.x_test) == ds.y_test).mean())
+        print(f"member {path}: {member.architecture}, test accuracy {accuracy:.4f}")
+    clf.save(args.out)
+    print(format_metrics(clf.metrics).split("\n\n")[0])
+    print(f"saved ensemble bundle: {args.out} ({len(members)} members)")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .serve import serve
 
@@ -608,6 +636,7 @@ COMMANDS = {
     "crossval": cmd_crossval,
     "report": cmd_report,
     "serve": cmd_serve,
+    "ensemble": cmd_ensemble,
 }
 
 

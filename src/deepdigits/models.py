@@ -163,6 +163,36 @@ def _best_cnn() -> nn.Sequential:
     )
 
 
+# --------------------------------------------------------------------------- ensembles
+
+
+class Ensemble(nn.Module):
+    """Several networks whose probabilities are averaged.
+
+    ``forward`` returns the log of the mean probability, so ``softmax`` of it is exactly that mean and
+    every consumer of logits (evaluation, prediction, ONNX export) works unchanged.
+    """
+
+    def __init__(self, members: list[nn.Module], architectures: list[str]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.architectures = list(architectures)
+        self.architecture = "ensemble"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.stack([torch.softmax(member(x), dim=1) for member in self.members]).mean(dim=0)
+        return torch.log(mean.clamp_min(1e-30))
+
+
+def build_ensemble(architectures: list[str], seed: int | None = None) -> Ensemble:
+    if len(architectures) < 2:
+        raise DeepDigitsError(f"an ensemble needs at least 2 members, got {len(architectures)}")
+    names = [resolve_name(a) for a in architectures]
+    if seed is not None:
+        torch.manual_seed(seed)
+    return Ensemble([build_model(name) for name in names], names)
+
+
 # --------------------------------------------------------------------------- summary
 
 # torch module -> (Keras layer type, Keras's default layer name)
@@ -211,8 +241,15 @@ def summary_rows(model: nn.Sequential) -> list[dict]:
     return rows
 
 
-def summary_dict(model: nn.Sequential, name: str | None = None) -> dict:
-    rows = summary_rows(model)
+def summary_dict(model: nn.Module, name: str | None = None) -> dict:
+    if isinstance(model, Ensemble):
+        rows = [
+            {"name": f"member_{i}", "type": arch, "activation": "softmax", "output_shape": [None, N_CLASSES],
+             "params": count_params(member)}
+            for i, (arch, member) in enumerate(zip(model.architectures, model.members, strict=True))
+        ]
+    else:
+        rows = summary_rows(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = count_params(model)
     return {
@@ -225,9 +262,17 @@ def summary_dict(model: nn.Sequential, name: str | None = None) -> dict:
     }
 
 
-def summary(model: nn.Sequential, name: str | None = None) -> str:
-    """The model as Keras's ``model.summary()`` prints it: layers, output shapes, parameters, totals."""
+def summary(model: nn.Module, name: str | None = None) -> str:
+    """The model as Keras's ``model.summary()`` prints it: layers, output shapes, parameters, totals.
+
+    An ensemble lists its members (probabilities averaged) and then each member's own table.
+    """
     info = summary_dict(model, name)
+    if isinstance(model, Ensemble):
+        head = [f'Model: "{info["name"]}": {len(model.members)} members, probabilities averaged']
+        head += [f"  member_{i}: {row['type']} ({row['params']:,} params)" for i, row in enumerate(info["layers"])]
+        head.append(f"Total params: {info['total_params']:,}")
+        return "\n".join(head)
 
     def shape(s: list) -> str:
         return "(" + ", ".join("None" if d is None else str(d) for d in s) + ")"

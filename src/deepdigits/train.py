@@ -40,6 +40,8 @@ class Recipe:
     ema_decay: float = 0.0  # >0: evaluate and keep an exponential moving average of the weights
     bf16: bool = False  # bfloat16 autocast for the forward pass (fast on CPUs with AVX-512 BF16 and on GPUs)
     channels_last: bool = False
+    members: int = 0  # >0: an ensemble of this many networks, each trained by member_recipe with its own seed
+    member_recipe: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,10 +86,20 @@ RECIPES: dict[str, Recipe] = {
             description="Tutorial 004: 512 dense net, RMSprop, batch 128, 5 epochs",
         ),
         Recipe(
+            # Measured on 2 CPU cores: 99.09% (seeds 0, 1) in 5.2 s. One epoch of any variant we tried stays
+            # at or below 98.95% (batch norm helps accuracy but is slow on the CPU's bf16 path).
+            "fast", "fast-cnn", "adamw", 0.02, 256, 2, schedule="onecycle", bf16=True, channels_last=True,
+            description="Fastest to 99%: small CNN, AdamW one-cycle, batch 256, bfloat16 autocast, channels-last",
+        ),
+        Recipe(
             "best", "best-cnn", "adamw", 0.003, 128, 15, weight_decay=5e-4, schedule="onecycle", augment=True,
             label_smoothing=0.1, ema_decay=0.999, bf16=True, channels_last=True,
             description="Best single network: batch-norm CNN, random affine augmentation, AdamW one-cycle, "
             "label smoothing, weight averaging",
+        ),
+        Recipe(
+            "ensemble", "ensemble", "adamw", 0.003, 128, 15, members=3, member_recipe="best",
+            description="Three 'best' networks (seeds 0, 1, 2) with their probabilities averaged",
         ),
     )
 }
@@ -184,6 +196,29 @@ def evaluate_batches(network: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
         correct += (logits.argmax(1) == target).sum().item()
     network.train(was_training)
     return {"loss": loss_sum / max(len(x), 1), "accuracy": correct / max(len(x), 1)}
+
+
+@torch.no_grad()
+def recompute_batch_norm(network: nn.Module, x: torch.Tensor, limit: int = 10_000, batch_size: int = 500) -> None:
+    """Recompute batch-norm running statistics for the final weights (as SWA's ``update_bn`` does).
+
+    The running averages trail weights that are still moving; after a short run they are stale enough
+    that eval mode fails (measured: 14% test accuracy after 32 steps, 92% once recomputed), and an
+    average of weights needs statistics of its own.
+    """
+    layers = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return
+    momenta = [m.momentum for m in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over the pass
+    network.train()
+    for start in range(0, min(len(x), limit), batch_size):
+        network(x[start : start + batch_size])
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    network.eval()
 
 
 class WeightAverage:
@@ -371,6 +406,8 @@ def fit(
         progress.close()
     # the last finished epoch's weights (the averaged ones with ema_decay); plain layout for saving
     network.load_state_dict(last_good)
+    if history.epochs:
+        recompute_batch_norm(network, x)
     network.to(memory_format=torch.contiguous_format)
     history.train_seconds = time.perf_counter() - started
     network.eval()
