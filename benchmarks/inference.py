@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import os
 import platform
-import socket
 import subprocess
 import sys
 import textwrap
@@ -47,30 +45,17 @@ def peak_rss_training(data_dir: str | None) -> float:
 
 def peak_rss_serving(requests: int = 300) -> float:
     """MiB: peak resident memory of `deepdigits serve` after a burst of requests."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from serve_load import drawn_seven, free_port, wait_until_up  # the load test's helpers, same folder
+
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "deepdigits", "serve", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                c.request("GET", "/healthz")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
-        from PIL import Image, ImageDraw
-
-        image = Image.new("L", (280, 280), 255)
-        ImageDraw.Draw(image).line([(80, 70), (200, 70), (120, 230)], fill=20, width=22)
-        buffer = io.BytesIO()
-        image.save(buffer, "PNG")
+        wait_until_up(port)
+        body = drawn_seven()
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         for _ in range(requests):
-            connection.request("POST", "/api/predict", body=buffer.getvalue(), headers={"Content-Type": "image/png"})
+            connection.request("POST", "/api/predict", body=body, headers={"Content-Type": "image/png"})
             connection.getresponse().read()
         with open(f"/proc/{server.pid}/status") as f:
             peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
@@ -94,7 +79,7 @@ def main() -> None:
     from deepdigits.recognize import resolve_model
 
     ds = load_dataset("mnist", data_dir=args.data_dir)
-    images = np.concatenate([ds.x_test] * 1)[:1024]
+    images = ds.x_test[:1024]
     models = {"fast": train_recipe("fast", dataset=ds, verbose=0), "best": resolve_model(args.best)}
     rows = []
     for name, clf in models.items():
