@@ -74,17 +74,34 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients (runs)")
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each run (bounded)")
     parser.add_argument("--model", help="model bundle to serve (default: the built-in model)")
+    parser.add_argument("--runtime", nargs="+", choices=["torch", "onnx"], default=["torch"],
+                        help="server runtimes to measure, one after the other")
     args = parser.parse_args()
 
+    rows = []
+    for runtime in args.runtime:
+        rows += measure(runtime, args)
+    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}, "
+          f"{__import__('os').cpu_count()} cores; {args.seconds:.0f} s per run; POST /api/predict with a 280x280 PNG")
+    print()
+    print("| runtime | clients | requests | requests/s | p50 ms | p99 ms | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for runtime, clients, n, rate, p50, p99, errors in rows:
+        print(f"| {runtime} | {clients} | {n} | {rate:.1f} | {p50:.1f} | {p99:.1f} | {errors} |")
+    if any(r[6] for r in rows):
+        raise SystemExit(1)
+
+
+def measure(runtime: str, args) -> list[tuple]:
     port = free_port()
-    command = [sys.executable, "-m", "deepdigits", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "deepdigits", "serve", "--port", str(port), "--runtime", runtime]
     if args.model:
         command += ["--model", args.model]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = []
     try:
         wait_until_up(port)
         body = drawn_seven()
-        rows = []
         for clients in args.clients:
             latencies: list[float] = []
             errors: list[str] = []
@@ -98,7 +115,7 @@ def main() -> None:
                 t.join()
             elapsed = time.perf_counter() - started
             ms = np.array(latencies) * 1000
-            rows.append((clients, len(latencies), len(latencies) / elapsed,
+            rows.append((runtime, clients, len(latencies), len(latencies) / elapsed,
                          float(np.percentile(ms, 50)) if len(ms) else float("nan"),
                          float(np.percentile(ms, 99)) if len(ms) else float("nan"), len(errors)))
             if errors:
@@ -106,16 +123,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=10)
-
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}, "
-          f"{__import__('os').cpu_count()} cores; {args.seconds:.0f} s per run; POST /api/predict with a 280x280 PNG")
-    print()
-    print("| clients | requests | requests/s | p50 ms | p99 ms | errors |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for clients, n, rate, p50, p99, errors in rows:
-        print(f"| {clients} | {n} | {rate:.1f} | {p50:.1f} | {p99:.1f} | {errors} |")
-    if any(r[5] for r in rows):
-        raise SystemExit(1)
+    return rows
 
 
 if __name__ == "__main__":

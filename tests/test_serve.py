@@ -165,3 +165,13 @@ def test_concurrent_requests_are_safe(client, mnist):
     assert all(status == 200 for status, _ in answers)
     sequential = [ask(i)[1] for i in range(24)]
     assert [digit for _, digit in answers] == sequential
+
+
+def test_onnx_runtime_server_agrees(client, seven):
+    onnx_client = TestClient(create_app(runtime="onnx"))
+    torch_answer = client.post("/api/predict", content=seven, headers={"Content-Type": "image/jpeg"}).json()
+    onnx_answer = onnx_client.post("/api/predict", content=seven, headers={"Content-Type": "image/jpeg"}).json()
+    assert onnx_answer["digit"] == torch_answer["digit"] == 7
+    assert abs(onnx_answer["confidence"] - torch_answer["confidence"]) < 1e-4
+    info = onnx_client.get("/api/model").json()
+    assert info["name"] == "best-cnn" and info["parameters"] == 150_698 and info["test_metrics"]["accuracy"] > 0.995

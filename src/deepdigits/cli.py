@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", metavar="BUNDLE|FILE.onnx", help="model to serve (default: the built-in model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                       help="answer with PyTorch (default) or ONNX Runtime")
 
     # plot
     from .plots import FIGURE_KINDS
@@ -610,7 +612,7 @@ def cmd_serve(args) -> int:
 
     if not 0 < args.port < 65536:
         raise DeepDigitsError(f"--port: expected 1-65535, got {args.port}")
-    serve(args.model, host=args.host, port=args.port)
+    serve(args.model, host=args.host, port=args.port, runtime=args.runtime)
     return 0
 
 

@@ -65,6 +65,12 @@ def export_onnx(classifier, path: str | os.PathLike) -> Path:
 class OnnxClassifier:
     """An exported model run by ONNX Runtime, with the same ``predict_proba``/``predict`` as ``Classifier``."""
 
+    # what a bundle knows about itself; filled in when exported in memory from a loaded bundle
+    n_params: int | None = None
+    metrics: dict | None = None
+    dataset: dict | None = None
+    recipe: dict | None = None
+
     def __init__(self, model: str | os.PathLike | bytes, name: str | None = None):
         try:
             import onnxruntime as ort
@@ -88,7 +94,10 @@ class OnnxClassifier:
 
     @classmethod
     def from_classifier(cls, classifier) -> OnnxClassifier:
-        return cls(onnx_bytes(classifier), name=f"{classifier.architecture} (exported in memory)")
+        model = cls(onnx_bytes(classifier), name=f"{classifier.architecture} (exported in memory)")
+        for attribute in ("n_params", "metrics", "dataset", "recipe"):
+            setattr(model, attribute, getattr(classifier, attribute, None))
+        return model
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         x = to_tensor(images, self.input_scale).numpy()

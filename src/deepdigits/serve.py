@@ -141,9 +141,13 @@ def _json_item(item, name: str) -> bytes | np.ndarray:
     raise ApiError(422, f"{name}: expected a base64 image string or a 28x28 array")
 
 
-def create_app(model=None, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_batch: int = MAX_BATCH):
-    """The FastAPI application; ``model`` is a bundle path, a loaded model, or None for the built-in one."""
-    clf = resolve_model(model)
+def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_batch: int = MAX_BATCH):
+    """The FastAPI application; ``model`` is a bundle path, a loaded model, or None for the built-in one.
+
+    ``runtime="onnx"`` answers with ONNX Runtime (the model is exported in memory at start).
+    """
+    clf = resolve_model(model, runtime)
     model_name = getattr(clf, "architecture", "model")
     lock = threading.Lock()  # one inference at a time: the CPU's cores go to each request's batch
     app = FastAPIOffline(
@@ -153,6 +157,8 @@ def create_app(model=None, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_batc
         f"{max_upload_bytes:,} bytes (413 beyond), {max_batch} images per batch; unsupported types get 415, "
         "malformed or undecodable input 422, always with a JSON 'detail'.",
     )
+
+    app.state.model_name = model_name
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):
@@ -265,11 +271,11 @@ def create_app(model=None, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_batc
     return app
 
 
-def serve(model=None, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(model=None, host: str = "127.0.0.1", port: int = 8000, runtime: str = "torch") -> None:
     """Run the server until Ctrl-C."""
     import uvicorn
 
-    app = create_app(model)
-    print(f"deepdigits serving {getattr(resolve_model(model), 'architecture', 'model')} at http://{host}:{port}/ "
+    app = create_app(model, runtime=runtime)
+    print(f"deepdigits serving {app.state.model_name} ({runtime}) at http://{host}:{port}/ "
           f"(API docs: http://{host}:{port}/docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
