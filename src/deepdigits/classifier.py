@@ -253,7 +253,10 @@ def train_recipe(
         return clf
     if verbose:
         print(f"Data: {ds.name} from {ds.source}", file=sys.stderr)
-        print(f"Recipe: {chosen.name} — {chosen.description} (device: {default_device()})", file=sys.stderr)
+        print(f"Recipe: {chosen.name} — {chosen.description}", file=sys.stderr)
+        epochs_text = f"{chosen.epochs} epoch" + ("s" if chosen.epochs != 1 else "")
+        print(f"Settings: {epochs_text}, batch size {chosen.batch_size}, {chosen.optimizer} learning rate "
+              f"{chosen.learning_rate:g}, seed {chosen.seed}, device {default_device()}", file=sys.stderr)
     clf = Classifier(chosen.architecture, class_names=ds.class_names, input_scale=chosen.input_scale,
                      seed=chosen.seed)
     clf.recipe = chosen.to_dict()
