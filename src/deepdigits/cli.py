@@ -420,7 +420,7 @@ def cmd_predict(args) -> int:
     import numpy as np
 
     from .preprocess import to_mnist
-    from .recognize import _predictions, draw_boxes, read_number, resolve_model
+    from .recognize import draw_boxes, predict_mnist_arrays, read_number, resolve_model
 
     if args.test_index:
         if args.inputs:
@@ -482,7 +482,7 @@ def cmd_predict(args) -> int:
         except DeepDigitsError as exc:
             fail(file, exc)
     if seen:
-        for file, prediction in zip(names, _predictions(clf, np.stack(seen), args.top, args.min_confidence),
+        for file, prediction in zip(names, predict_mnist_arrays(np.stack(seen), clf, args.top, args.min_confidence),
                                     strict=True):
             results.append({"file": file, **prediction.to_dict()})
     if args.json:

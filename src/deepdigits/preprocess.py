@@ -115,18 +115,17 @@ def _pil_to_grey(image: Image.Image, label: str) -> np.ndarray:
 
 
 def _array_to_grey(array: np.ndarray, label: str) -> np.ndarray:
+    """An array image (grey or RGB/RGBA; 0-1 floats, 8-bit or 16-bit values) -> float grey in [0, 1]."""
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[2] in (3, 4):
-        rgb = array[..., :3].astype(np.float64)
-        array = rgb @ np.array([0.299, 0.587, 0.114])
-        if array.size and np.asarray(rgb).max() > 1.0:
-            array = array / (255.0 if np.asarray(rgb).max() <= 255 else np.asarray(rgb).max())
+        array = array[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # luminance
     if array.ndim != 2 or array.size == 0:
         raise ImageError(f"{label}: expected a 2-D greyscale or RGB image, got shape {array.shape}")
     array = array.astype(np.float64)
-    if np.issubdtype(np.asarray(array).dtype, np.floating) and array.max() <= 1.0 and array.min() >= 0.0:
+    peak = float(array.max())
+    if array.min() >= 0.0 and peak <= 1.0:
         return array.astype(np.float32)
-    top = 255.0 if array.max() <= 255 else float(np.iinfo(np.uint16).max if array.max() <= 65535 else array.max())
+    top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
     return np.clip(array / top, 0.0, 1.0).astype(np.float32)
 
 

@@ -114,7 +114,10 @@ def predict_digit(image, model=None, top: int = 3, min_confidence: float = DEFAU
 
 def predict_mnist_arrays(arrays: np.ndarray, model=None, top: int = 3,
                          min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> list[DigitPrediction]:
-    """Recognise images that are already MNIST-style 28x28 (uint8 0-255, or floats in [0, 1])."""
+    """Recognise images that are already MNIST-style 28x28 (uint8 0-255, or floats in [0, 1]).
+
+    ``model`` may be anything ``resolve_model`` takes, a loaded one included (then nothing is reloaded).
+    """
     return _predictions(resolve_model(model), np.asarray(arrays), top, min_confidence)
 
 

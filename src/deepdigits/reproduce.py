@@ -11,6 +11,7 @@ import numpy as np
 
 from .classifier import train_recipe
 from .data import Dataset, load_dataset
+from .errors import DeepDigitsError
 from .train import get_recipe
 
 
@@ -50,8 +51,6 @@ def reproduce(
     chosen = tutorials or list(CLAIMS)
     unknown = [t for t in chosen if t not in CLAIMS]
     if unknown:
-        from .errors import DeepDigitsError
-
         raise DeepDigitsError(f"unknown tutorial {unknown[0]!r}; expected one of: {', '.join(CLAIMS)}")
     full = load_dataset("mnist", data_dir=data_dir)
     dataset = full

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from . import __version__
 from .errors import DeepDigitsError
 from .preprocess import to_mnist
-from .recognize import DEFAULT_MIN_CONFIDENCE, _predictions, read_number, resolve_model
+from .recognize import DEFAULT_MIN_CONFIDENCE, predict_mnist_arrays, read_number, resolve_model
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # one request body; larger gets 413
 MAX_BATCH = 64  # images in one /api/predict/batch request
@@ -71,10 +71,14 @@ def _png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+def _check_declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body is {int(declared):,} bytes; the limit is {limit:,}")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    _check_declared_length(request, limit)
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
@@ -87,9 +91,7 @@ async def _inputs(request: Request, limit: int, many: bool) -> list[tuple[str, b
     """The request's images as ``(name, bytes)`` or ready ``(name, 28x28 array)``, whatever form they came in."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body is {int(declared):,} bytes; the limit is {limit:,}")
+        _check_declared_length(request, limit)
         try:
             form = await request.form(max_files=MAX_BATCH + 1, max_part_size=limit)
         except Exception as exc:  # the multipart parser's own errors: malformed body
@@ -176,7 +178,7 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
             except DeepDigitsError as exc:
                 raise ApiError(422, str(exc)) from None
         with lock:
-            predictions = _predictions(clf, np.stack(seen), 3, min_confidence)
+            predictions = predict_mnist_arrays(np.stack(seen), clf, 3, min_confidence)
         return [
             {"digit": p.digit, "confidence": p.confidence, "probabilities": p.probabilities,
              "top": [{"digit": d, "probability": q} for d, q in p.top], "unsure": p.unsure, "model": model_name,
