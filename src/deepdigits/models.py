@@ -141,11 +141,13 @@ def _conv_bn(inputs: int, outputs: int, kernel: int = 3) -> list[nn.Module]:
     return [nn.Conv2d(inputs, outputs, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(outputs), nn.ReLU()]
 
 
-@register("fast-cnn", "Conv 16 5x5 relu, MaxPool 2, Conv 32 5x5 relu, MaxPool 2, Dense 10 softmax: small and quick")
+@register("fast-cnn", "Conv 16 5x5, MaxPool 2, relu, Conv 32 5x5, MaxPool 2, relu, Dense 10 softmax: small and quick")
 def _fast_cnn() -> nn.Sequential:
+    # Pooling before relu is the same function (max and relu commute) with relu on a quarter of the
+    # values: measured 23% faster per epoch on 2 CPU cores (5.05 s against 6.53 s for two epochs).
     return nn.Sequential(
-        nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(16, 32, 5), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(), nn.Linear(4 * 4 * 32, N_CLASSES),
     )
 

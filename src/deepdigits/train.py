@@ -86,10 +86,12 @@ RECIPES: dict[str, Recipe] = {
             description="Tutorial 004: 512 dense net, RMSprop, batch 128, 5 epochs",
         ),
         Recipe(
-            # Measured on 2 CPU cores: 99.09% (seeds 0, 1) in 5.2 s. One epoch of any variant we tried stays
-            # at or below 98.95% (batch norm helps accuracy but is slow on the CPU's bf16 path).
-            "fast", "fast-cnn", "adamw", 0.02, 256, 2, schedule="onecycle", bf16=True, channels_last=True,
-            description="Fastest to 99%: small CNN, AdamW one-cycle, batch 256, bfloat16 autocast, channels-last",
+            # Measured on 2 CPU cores (seeds 0, 1): one epoch at batch 64 with label smoothing reaches
+            # 99.09% in 3.1 s; two epochs at batch 256 without it took 5.1 s for the same accuracy.
+            "fast", "fast-cnn", "adamw", 0.01, 64, 1, schedule="onecycle", label_smoothing=0.1, bf16=True,
+            channels_last=True,
+            description="Fastest to 99%: small CNN, one epoch, AdamW one-cycle, label smoothing, bfloat16 "
+            "autocast, channels-last",
         ),
         Recipe(
             "best", "best-cnn", "adamw", 0.003, 128, 15, weight_decay=5e-4, schedule="onecycle", augment=True,
