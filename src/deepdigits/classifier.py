@@ -40,8 +40,13 @@ class Classifier:
         input_scale: float = DEFAULT_SCALE,
         seed: int | None = 0,
         members: Sequence[str] | None = None,
+        network: torch.nn.Module | None = None,
     ):
-        if architecture == "ensemble":
+        """``members`` names an ensemble's architectures; ``network`` wraps one already built instead."""
+        if network is not None:
+            self.architecture = architecture
+            self.network = network
+        elif architecture == "ensemble":
             self.architecture = "ensemble"
             self.network = build_ensemble(list(members or []), seed=seed)
         else:
@@ -278,15 +283,13 @@ def combine(classifiers: Sequence[Classifier]) -> Classifier:
     if len(classifiers) < 2:
         raise DeepDigitsError(f"an ensemble needs at least 2 members, got {len(classifiers)}")
     first = classifiers[0]
-    for other in classifiers[1:]:
-        if other.class_names != first.class_names or other.input_scale != first.input_scale:
-            raise DeepDigitsError("ensemble members must share class names and input scaling")
-        if isinstance(other.network, Ensemble) or isinstance(first.network, Ensemble):
-            raise DeepDigitsError("ensemble members must be single networks, not ensembles")
+    if any(isinstance(c.network, Ensemble) for c in classifiers):
+        raise DeepDigitsError("ensemble members must be single networks, not ensembles")
+    if any(c.class_names != first.class_names or c.input_scale != first.input_scale for c in classifiers):
+        raise DeepDigitsError("ensemble members must share class names and input scaling")
     architectures = [c.architecture for c in classifiers]
-    clf = Classifier("ensemble", class_names=first.class_names, input_scale=first.input_scale, seed=None,
-                     members=architectures)
-    clf.network = Ensemble([copy.deepcopy(c.network).eval() for c in classifiers], architectures)
+    network = Ensemble([copy.deepcopy(c.network).eval() for c in classifiers], architectures)
+    clf = Classifier("ensemble", class_names=first.class_names, input_scale=first.input_scale, network=network)
     clf.dataset = first.dataset
     clf.recipe = {"name": "ensemble", "members": [c.recipe for c in classifiers]}
     clf.train_seconds = sum(c.train_seconds for c in classifiers)

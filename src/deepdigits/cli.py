@@ -343,14 +343,18 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_bundle_and_test_set(bundle: str, data_dir: str | None):
-    from .classifier import load
+def _test_set_of(model, data_dir: str | None):
+    """The dataset a model was trained on (MNIST when it does not say), for its test split."""
     from .data import load_dataset
 
+    return load_dataset((getattr(model, "dataset", None) or {}).get("name", "mnist"), data_dir=data_dir)
+
+
+def _load_bundle_and_test_set(bundle: str, data_dir: str | None):
+    from .classifier import load
+
     clf = load(bundle)
-    dataset_name = (clf.dataset or {}).get("name", "mnist")
-    ds = load_dataset(dataset_name, data_dir=data_dir)
-    return clf, ds
+    return clf, _test_set_of(clf, data_dir)
 
 
 def cmd_evaluate(args) -> int:
@@ -388,12 +392,11 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 def _predict_test_set(args) -> int:
-    from .data import load_dataset, parse_index_range
+    from .data import parse_index_range
     from .recognize import resolve_model
 
     clf = resolve_model(args.model, args.runtime)
-    dataset_name = (getattr(clf, "dataset", None) or {}).get("name", "mnist")
-    ds = load_dataset(dataset_name, data_dir=args.data_dir)
+    ds = _test_set_of(clf, args.data_dir)
     indices = parse_index_range(args.test_index, len(ds.x_test))
     probabilities = clf.predict_proba(ds.x_test[indices])
     predicted = probabilities.argmax(axis=1)
@@ -590,17 +593,19 @@ def cmd_crossval(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
+    import numpy as np
+
     from .classifier import combine, load
-    from .data import load_dataset
-    from .evaluate import format_metrics
+    from .evaluate import format_metrics, metrics_from_probabilities
 
     members = [load(path) for path in args.bundles]
     clf = combine(members)
-    ds = load_dataset((clf.dataset or {}).get("name", "mnist"), data_dir=args.data_dir)
-    clf.metrics = clf.evaluate(ds.x_test, ds.y_test)
-    for path, member in zip(args.bundles, members, strict=True):
-        accuracy = float((member.predict(ds.x_test) == ds.y_test).mean())
-        print(f"member {path}: {member.architecture}, test accuracy {accuracy:.4f}")
+    ds = _test_set_of(clf, args.data_dir)
+    # each member runs over the test set once: the ensemble's answer is the mean of these probabilities
+    probabilities = [member.predict_proba(ds.x_test) for member in members]
+    for path, member, p in zip(args.bundles, members, probabilities, strict=True):
+        print(f"member {path}: {member.architecture}, test accuracy {(p.argmax(1) == ds.y_test).mean():.4f}")
+    clf.metrics = metrics_from_probabilities(np.mean(probabilities, axis=0), ds.y_test, clf.class_names)
     clf.save(args.out)
     print(format_metrics(clf.metrics).split("\n\n")[0])
     print(f"saved ensemble bundle: {args.out} ({len(members)} members)")

@@ -267,7 +267,7 @@ def summary_dict(model: nn.Module, name: str | None = None) -> dict:
 def summary(model: nn.Module, name: str | None = None) -> str:
     """The model as Keras's ``model.summary()`` prints it: layers, output shapes, parameters, totals.
 
-    An ensemble lists its members (probabilities averaged) and then each member's own table.
+    An ensemble lists its members (probabilities averaged), each with its architecture and size.
     """
     info = summary_dict(model, name)
     if isinstance(model, Ensemble):
