@@ -20,7 +20,27 @@ def test_exact_parameter_counts(name, params):
 
 
 def test_registry_holds_the_five_tutorials_and_ours():
-    assert sorted(REGISTRY) == ["best-cnn", "fast-cnn"] + [f"tutorial-00{i}" for i in range(5)]
+    assert sorted(REGISTRY) == ["best-cnn", "fast-cnn", "strided-cnn"] + [f"tutorial-00{i}" for i in range(5)]
+
+
+def test_strided_cnn_shapes_parameters_and_standardised_input():
+    model = build_model("strided-cnn", seed=0)
+    assert count_params(model) == 82_290
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    standardize = model[0]
+    assert torch.allclose(standardize(torch.tensor([0.1307, 0.4388])), torch.tensor([0.0, 1.0]), atol=1e-6)
+    assert "mean" not in model.state_dict()  # constants of the architecture, not weights a bundle stores
+    text = summary(model, "strided-cnn")
+    assert any(line.startswith("normalization (Normalization)") and line.endswith(" 0") for line in text.splitlines())
+    assert any(line.startswith("conv2d (Conv2D, relu)") and "(None, 16, 12, 12)" in line for line in text.splitlines())
+
+
+def test_strided_cnn_keeps_pytorch_default_initialisation():
+    conv = build_model("strided-cnn", seed=0)[1]
+    glorot_limit = math.sqrt(6 / (36 + 16 * 36))
+    assert conv.weight.abs().max() > glorot_limit  # PyTorch's bound is 1/sqrt(fan_in) = 1/6
+    assert conv.weight.abs().max() <= 1 / 6
+    assert torch.count_nonzero(conv.bias) > 0
 
 
 def test_aliases_resolve():

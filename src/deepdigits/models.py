@@ -20,17 +20,18 @@ class Architecture:
     description: str
     build: Callable[[], nn.Sequential]
     aliases: tuple[str, ...] = ()
+    keras_init: bool = True  # False: keep PyTorch's default initialisation
 
 
 REGISTRY: dict[str, Architecture] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register(name: str, description: str, aliases: tuple[str, ...] = ()):
+def register(name: str, description: str, aliases: tuple[str, ...] = (), keras_init: bool = True):
     """Decorator: add a builder of an ``nn.Sequential`` to the registry under ``name``."""
 
     def decorator(build: Callable[[], nn.Sequential]) -> Callable[[], nn.Sequential]:
-        REGISTRY[name] = Architecture(name, description, build, aliases)
+        REGISTRY[name] = Architecture(name, description, build, aliases, keras_init)
         for alias in aliases:
             _ALIASES[alias] = name
         return build
@@ -58,7 +59,7 @@ def keras_init_(model: nn.Module) -> nn.Module:
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Sequential:
-    """A fresh, Keras-initialised network of a registered architecture.
+    """A fresh network of a registered architecture, Keras-initialised unless the architecture opts out.
 
     The network outputs logits; ``torch.softmax`` of them is what Keras's softmax layer gives.
     """
@@ -67,7 +68,7 @@ def build_model(name: str, seed: int | None = None) -> nn.Sequential:
         torch.manual_seed(seed)
     model = arch.build()
     model.architecture = arch.name  # type: ignore[attr-defined]
-    return keras_init_(model)
+    return keras_init_(model) if arch.keras_init else model
 
 
 def count_params(model: nn.Module) -> int:
@@ -152,6 +153,42 @@ def _fast_cnn() -> nn.Sequential:
     )
 
 
+class Standardize(nn.Module):
+    """Shift and scale inputs to zero mean and unit variance over the training set (Keras's Normalization)."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean), persistent=False)
+        self.register_buffer("std", torch.tensor(std), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the 60,000 training images scaled to [0, 1]
+
+
+@register(
+    "strided-cnn",
+    "Standardize, Conv 16 6x6 stride 2 relu, Conv 24 3x3, MaxPool 2, relu, Dense 128 relu, Dense 10 softmax: "
+    "the quickest to 99%",
+    # PyTorch's default initialisation: 99.05% mean after one epoch over 5 seeds against 99.00% with
+    # Glorot-uniform, in the same sweep.
+    keras_init=False,
+)
+def _strided_cnn() -> nn.Sequential:
+    # A 6x6 stride-2 convolution is what a 5x5 convolution followed by 2x2 average pooling computes, at a
+    # quarter of the positions and without a pooling layer: measured on 2 CPU cores, one epoch at batch 192
+    # takes 1.6 s against 2.2 s for the same network with Conv 16 5x5 + MaxPool 2 (see the fast recipe).
+    # The hidden Dense 128 costs little and added 0.2 points after one epoch (98.9% -> 99.1%).
+    return nn.Sequential(
+        Standardize(MNIST_MEAN, MNIST_STD),
+        nn.Conv2d(1, 16, 6, stride=2), nn.ReLU(),
+        nn.Conv2d(16, 24, 3), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(5 * 5 * 24, 128), nn.ReLU(), nn.Linear(128, N_CLASSES),
+    )
+
+
 @register(
     "best-cnn",
     "VGG-style: 2x Conv 32, pool, 2x Conv 64, pool, Conv 128, pool (3x3, batch norm, relu), Dense 10 softmax",
@@ -206,6 +243,7 @@ _KERAS_TYPES = {
     nn.Dropout: ("Dropout", "dropout"),
     nn.BatchNorm2d: ("BatchNormalization", "batch_normalization"),
     nn.BatchNorm1d: ("BatchNormalization", "batch_normalization"),
+    Standardize: ("Normalization", "normalization"),
 }
 _ACTIVATIONS = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Softmax: "softmax"}
 

@@ -86,11 +86,11 @@ RECIPES: dict[str, Recipe] = {
             description="Tutorial 004: 512 dense net, RMSprop, batch 128, 5 epochs",
         ),
         Recipe(
-            # Measured on 2 CPU cores (seeds 0, 1): one epoch at batch 64 with label smoothing reaches
-            # 99.09% in 3.1 s; two epochs at batch 256 without it took 5.1 s for the same accuracy.
-            "fast", "fast-cnn", "adamw", 0.01, 64, 1, schedule="onecycle", label_smoothing=0.1, bf16=True,
-            channels_last=True,
-            description="Fastest to 99%: small CNN, one epoch, AdamW one-cycle, label smoothing, bfloat16 "
+            # Measured on 2 CPU cores, 5 seeds each, in one sweep: this recipe 99.06% mean in about 1.6 s;
+            # the earlier one (fast-cnn, batch 64, lr 0.01) 99.05% in about 3.5 s.
+            "fast", "strided-cnn", "adamw", 0.025, 192, 1, weight_decay=0.01, schedule="onecycle",
+            label_smoothing=0.1, bf16=True, channels_last=True,
+            description="Fastest to 99%: small strided CNN, one epoch, AdamW one-cycle, label smoothing, bfloat16 "
             "autocast, channels-last",
         ),
         Recipe(
