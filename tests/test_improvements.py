@@ -8,7 +8,6 @@ import torch
 
 from deepdigits import Classifier, combine, load
 from deepdigits.cli import main
-from deepdigits.errors import DeepDigitsError
 from deepdigits.export import OnnxClassifier, export_onnx
 from deepdigits.models import Ensemble, build_model, count_params
 from deepdigits.preprocess import to_tensor
@@ -42,26 +41,6 @@ def test_augmentation_keeps_labels(mnist):
     with torch.no_grad():
         predicted = clf.network(augmented).argmax(1).numpy()
     assert (predicted == mnist.y_test[:500]).mean() > 0.97
-
-
-def test_elastic_distortion_bends_strokes_but_keeps_digits(mnist):
-    x = to_tensor(mnist.x_test[:500])
-    no_affine = {"degrees": 0, "translate": 0, "scale": (1.0, 1.0)}
-    bent = augment_batch(x, torch.Generator().manual_seed(2), elastic=30, **no_affine)
-    assert bent.shape == x.shape
-    moved = (bent - x).abs().sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))
-    assert moved.min() > 0.05  # every image is bent, not only shifted by the (absent) affine part
-    with torch.no_grad():
-        predicted = load_builtin().network(bent).argmax(1).numpy()
-    assert (predicted == mnist.y_test[:500]).mean() > 0.97  # still the same digits
-    plain = augment_batch(x[:8], torch.Generator().manual_seed(2), elastic=0, **no_affine)
-    assert torch.allclose(plain, x[:8], atol=1e-5)
-
-
-def test_elastic_needs_augment(mnist):
-    with pytest.raises(DeepDigitsError, match="elastic distortion is part of augmentation"):
-        fit(build_model("tutorial-004"), to_tensor(mnist.x_test[:8]), torch.zeros(8, dtype=torch.long),
-            elastic=30, verbose=0)
 
 
 def load_builtin():

@@ -82,7 +82,7 @@ class Classifier:
         """Train on uint8 images (N, 28, 28) and labels; returns the per-epoch history.
 
         Further ``options`` go to :func:`deepdigits.train.fit`: ``loss``, ``weight_decay``, ``schedule``,
-        ``augment``, ``elastic``, ``label_smoothing``, ``ema_decay``, ``bf16``, ``channels_last``.
+        ``augment``, ``label_smoothing``, ``ema_decay``, ``bf16``, ``channels_last``.
         """
         x_train, y_train, x_val, y_val = split_last_fraction(np.asarray(x), np.asarray(y), validation_split)
         if validation_data is not None:

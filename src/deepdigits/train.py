@@ -36,7 +36,6 @@ class Recipe:
     weight_decay: float = 0.0
     schedule: str = "constant"  # or "onecycle": warm up to learning_rate, then anneal, stepped per batch
     augment: bool = False  # small random affine transforms of every training batch, see augment_batch
-    elastic: float = 0.0  # with augment: also an elastic distortion this strong (pixels), see augment_batch
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # >0: evaluate and keep an exponential moving average of the weights
     bf16: bool = False  # bfloat16 autocast for the forward pass (fast on CPUs with AVX-512 BF16 and on GPUs)
@@ -50,7 +49,7 @@ class Recipe:
     def fit_options(self) -> dict:
         """The keyword arguments of ``fit`` this recipe sets."""
         names = ("optimizer", "learning_rate", "batch_size", "epochs", "seed", "loss", "weight_decay", "schedule",
-                 "augment", "elastic", "label_smoothing", "ema_decay", "bf16", "channels_last")
+                 "augment", "label_smoothing", "ema_decay", "bf16", "channels_last")
         return {name: getattr(self, name) for name in names}
 
     def with_overrides(self, **overrides) -> Recipe:
@@ -150,16 +149,13 @@ def make_optimizer(name: str, params, learning_rate: float, weight_decay: float 
 
 def augment_batch(
     x: torch.Tensor, generator: torch.Generator, degrees: float = 10.0, translate: float = 0.1,
-    scale: tuple[float, float] = (0.9, 1.1), elastic: float = 0.0, elastic_sigma: float = 4.0,
+    scale: tuple[float, float] = (0.9, 1.1),
 ) -> torch.Tensor:
     """Random affine transform of each image: rotation, shift (fraction of the width) and zoom.
 
-    With ``elastic`` > 0, each image is also bent by a random displacement field: uniform noise smoothed
-    by a Gaussian of ``elastic_sigma`` pixels and scaled by ``elastic`` pixels (Simard et al. 2003 used
-    34 and 4 on MNIST). Done on the whole batch with one ``affine_grid``/``grid_sample``, so it costs
-    little next to the network.
+    Done on the whole batch with one ``affine_grid``/``grid_sample``, so it costs little next to the network.
     """
-    n, _, height, width = x.shape
+    n = x.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=generator)
@@ -170,16 +166,6 @@ def augment_batch(
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    if elastic:
-        noise = torch.rand(n, 2, height, width, generator=generator) * 2 - 1
-        radius = int(2 * elastic_sigma)
-        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        kernel = torch.exp(-0.5 * (offsets / elastic_sigma) ** 2)
-        kernel = (kernel / kernel.sum()).repeat(2, 1, 1, 1)  # one separable kernel per displacement axis
-        field = F.conv2d(noise, kernel.view(2, 1, -1, 1), padding=(radius, 0), groups=2)
-        field = F.conv2d(field, kernel.view(2, 1, 1, -1), padding=(0, radius), groups=2)
-        pixels_to_grid = torch.tensor([2.0 / width, 2.0 / height]).view(1, 2, 1, 1)
-        grid = grid + (field * elastic * pixels_to_grid).permute(0, 2, 3, 1).to(x.device, x.dtype)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -322,7 +308,6 @@ def fit(
     weight_decay: float = 0.0,
     schedule: str = "constant",
     augment: bool = False,
-    elastic: float = 0.0,
     label_smoothing: float = 0.0,
     ema_decay: float = 0.0,
     bf16: bool = False,
@@ -343,8 +328,6 @@ def fit(
         raise DeepDigitsError(f"unknown loss {loss!r}; expected one of: {', '.join(LOSSES)}")
     if schedule not in ("constant", "onecycle"):
         raise DeepDigitsError(f"unknown schedule {schedule!r}; expected constant or onecycle")
-    if elastic and not augment:
-        raise DeepDigitsError("elastic distortion is part of augmentation: set augment as well")
     if label_smoothing and loss != "cross-entropy":
         raise DeepDigitsError("label smoothing needs loss 'cross-entropy'")
     loss_fn = LOSSES[loss]
@@ -385,7 +368,7 @@ def fit(
                 idx = order[(step - 1) * batch_size : step * batch_size]
                 xb, yb = x[idx], y[idx]
                 if augment:
-                    xb = augment_batch(xb, augment_rng, elastic=elastic)
+                    xb = augment_batch(xb, augment_rng)
                 with autocast:
                     logits = network(xb).float()
                 batch_loss = loss_fn(logits, yb)
