@@ -1,6 +1,6 @@
 """Inference speed (images/s at batch 1, 64, 1024), PyTorch beside ONNX Runtime, and peak memory.
 
-Models: `fast` (trained here, about 5 s) and `best` (the built-in model unless --best names a bundle).
+Models: `fast` (trained here, about 2 s) and `best` (the built-in model unless --best names a bundle).
 Peak RSS is measured in fresh processes: one that trains `fast`, one that serves the built-in model
 under a short load.
 
