@@ -30,6 +30,14 @@ def test_round_trip_gives_identical_predictions(trained, mnist, tmp_path):
     assert loaded.metrics["accuracy"] == trained.metrics["accuracy"]
 
 
+def test_fast_recipe_network_round_trips(mnist, tmp_path):
+    # strided-cnn holds its input standardisation as constants of the architecture, not as saved weights
+    clf = Classifier("strided-cnn", seed=0)
+    clf.fit(mnist.x_train[:600], mnist.y_train[:600], epochs=1, batch_size=100, verbose=0)
+    loaded = deepdigits.load(clf.save(tmp_path / "fast"))
+    np.testing.assert_array_equal(loaded.predict_proba(mnist.x_test[:100]), clf.predict_proba(mnist.x_test[:100]))
+
+
 def test_metadata_document(trained, tmp_path):
     path = trained.save(tmp_path / "b")
     meta = json.loads((path / "model.json").read_text())
