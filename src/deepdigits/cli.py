@@ -336,7 +336,8 @@ def cmd_train(args) -> int:
     clf.save(out)
     if clf.metrics:
         print(format_metrics(clf.metrics).split("\n\n")[0])
-    print(f"saved model bundle: {out}  ({len(clf.history)} epochs, {clf.train_seconds:.1f} s training)")
+    epochs = f"{len(clf.history)} epoch" + ("s" if len(clf.history) != 1 else "")
+    print(f"saved model bundle: {out}  ({epochs}, {clf.train_seconds:.1f} s training)")
     if clf.interrupted:
         print("deepdigits: training was interrupted; the bundle holds the last finished epoch", file=sys.stderr)
         return 130
