@@ -20,7 +20,7 @@ from .errors import BundleError, DeepDigitsError
 from .evaluate import metrics_from_probabilities
 from .models import build_ensemble, build_model, count_params, resolve_name, summary, summary_dict
 from .preprocess import DEFAULT_SCALE, to_tensor
-from .train import History, Recipe, default_device, fit, get_recipe
+from .train import History, Recipe, default_device, epochs_text, fit, get_recipe
 
 
 class Classifier:
@@ -259,9 +259,8 @@ def train_recipe(
     if verbose:
         print(f"Data: {ds.name} from {ds.source}", file=sys.stderr)
         print(f"Recipe: {chosen.name} — {chosen.description}", file=sys.stderr)
-        epochs_text = f"{chosen.epochs} epoch" + ("s" if chosen.epochs != 1 else "")
-        print(f"Settings: {epochs_text}, batch size {chosen.batch_size}, {chosen.optimizer} learning rate "
-              f"{chosen.learning_rate:g}, seed {chosen.seed}, device {default_device()}", file=sys.stderr)
+        print(f"Settings: {epochs_text(chosen.epochs)}, batch size {chosen.batch_size}, {chosen.optimizer} "
+              f"learning rate {chosen.learning_rate:g}, seed {chosen.seed}, device {default_device()}", file=sys.stderr)
     clf = Classifier(chosen.architecture, class_names=ds.class_names, input_scale=chosen.input_scale,
                      seed=chosen.seed)
     clf.recipe = chosen.to_dict()

@@ -322,6 +322,7 @@ def _default_out(recipe: str) -> Path:
 def cmd_train(args) -> int:
     from .classifier import train_recipe
     from .evaluate import format_metrics
+    from .train import epochs_text
 
     out = Path(args.out) if args.out else _default_out(args.recipe)
     if out.exists() and not out.is_dir():
@@ -336,8 +337,7 @@ def cmd_train(args) -> int:
     clf.save(out)
     if clf.metrics:
         print(format_metrics(clf.metrics).split("\n\n")[0])
-    epochs = f"{len(clf.history)} epoch" + ("s" if len(clf.history) != 1 else "")
-    print(f"saved model bundle: {out}  ({epochs}, {clf.train_seconds:.1f} s training)")
+    print(f"saved model bundle: {out}  ({epochs_text(len(clf.history))}, {clf.train_seconds:.1f} s training)")
     if clf.interrupted:
         print("deepdigits: training was interrupted; the bundle holds the last finished epoch", file=sys.stderr)
         return 130

@@ -173,6 +173,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def epochs_text(epochs: int) -> str:
+    """'1 epoch', '15 epochs': for the lines that report a run."""
+    return f"{epochs} epoch" + ("s" if epochs != 1 else "")
+
+
 @dataclass
 class History:
     """Per-epoch metrics, as Keras's ``History.history`` but one dict per epoch."""
