@@ -6,9 +6,18 @@ import pytest
 from PIL import Image
 
 from deepdigits.cli import main
+from deepdigits.errors import DeepDigitsError
 from deepdigits.export import OnnxClassifier, export_onnx
 from deepdigits.preprocess import to_mnist
-from deepdigits.recognize import BUILTIN_MODEL, builtin_model, predict_digit, read_number, segment_digits
+from deepdigits.recognize import (
+    BUILTIN_MODEL,
+    builtin_model,
+    find_digits,
+    predict_digit,
+    read_digits,
+    read_number,
+    segment_digits,
+)
 from handwriting import render_digit, render_number
 
 
@@ -70,6 +79,20 @@ def test_touching_digits_are_split(mnist):
     canvas[40:160, 128:248] = np.minimum(canvas[40:160, 128:248], b)
     reading = read_number(canvas)
     assert reading.number == "20"
+
+
+def test_finding_digits_needs_no_model_and_reading_them_matches_read_number(mnist):
+    # the server cuts digits out before it takes the inference lock, so this split must not change answers
+    rng = np.random.default_rng(3)
+    image = render_number([mnist.x_test[i] for i in (0, 1, 2)], rng)  # 7 2 1
+    found = find_digits(image)
+    assert found.crops.shape == (3, 28, 28) and found.crops.dtype == np.uint8
+    assert found.size == Image.open(io.BytesIO(image)).size
+    whole = read_number(image)
+    assert read_digits(found).to_dict() == whole.to_dict() and whole.number == "721"
+    assert [d.box for d in whole.digits] == found.boxes
+    with pytest.raises(DeepDigitsError, match="blank"):
+        find_digits(np.full((50, 80), 255, np.uint8), name="empty.png")
 
 
 def test_broken_stroke_is_merged(mnist):

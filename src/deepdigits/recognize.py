@@ -186,10 +186,17 @@ def segment_digits(ink: np.ndarray) -> list[tuple[tuple[int, int, int, int], np.
     return pieces
 
 
-def read_number(image, model=None, min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-                name: str | None = None) -> NumberReading:
-    """Read a handwritten number (digits side by side) from an image, left to right."""
-    clf = resolve_model(model)
+@dataclass
+class FoundDigits:
+    """The digits cut out of one image of a number, ready for a model: no model is needed to find them."""
+
+    crops: np.ndarray  # (n, 28, 28) MNIST-style digits, left to right
+    boxes: list[tuple[int, int, int, int]]  # left, top, right, bottom in the input image's pixels
+    size: tuple[int, int]  # width, height of the input image
+
+
+def find_digits(image, name: str | None = None) -> FoundDigits:
+    """Cut a handwritten number into MNIST-style digits, left to right; a blank image is an ImageError."""
     grey = load_image(image, name)
     ink = ink_map(grey)
     pieces = segment_digits(ink)
@@ -197,11 +204,24 @@ def read_number(image, model=None, min_confidence: float = DEFAULT_MIN_CONFIDENC
     if not pieces:
         raise ImageError(f"{label}: no ink found: the image looks blank")
     scale = max(grey.shape) / max(ink.shape)
-    digits = _predictions(clf, np.stack([normalise_digit(crop) for _, crop in pieces]), 3, min_confidence)
-    for prediction, (box, _) in zip(digits, pieces, strict=True):
-        prediction.box = tuple(round(v * scale) for v in box)  # type: ignore[assignment]
-    return NumberReading("".join(clf.class_names[d.digit] for d in digits), digits,
-                         (grey.shape[1], grey.shape[0]))
+    boxes = [tuple(round(v * scale) for v in box) for box, _ in pieces]
+    return FoundDigits(np.stack([normalise_digit(crop) for _, crop in pieces]), boxes,  # type: ignore[arg-type]
+                       (grey.shape[1], grey.shape[0]))
+
+
+def read_digits(found: FoundDigits, model=None, min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> NumberReading:
+    """Recognise the digits :func:`find_digits` cut out, as one number."""
+    clf = resolve_model(model)
+    digits = _predictions(clf, found.crops, 3, min_confidence)
+    for prediction, box in zip(digits, found.boxes, strict=True):
+        prediction.box = box
+    return NumberReading("".join(clf.class_names[d.digit] for d in digits), digits, found.size)
+
+
+def read_number(image, model=None, min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+                name: str | None = None) -> NumberReading:
+    """Read a handwritten number (digits side by side) from an image, left to right."""
+    return read_digits(find_digits(image, name), model, min_confidence)
 
 
 def draw_boxes(image, reading: NumberReading, name: str | None = None) -> Image.Image:

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from . import __version__
 from .errors import DeepDigitsError
 from .preprocess import to_mnist
-from .recognize import DEFAULT_MIN_CONFIDENCE, predict_mnist_arrays, read_number, resolve_model
+from .recognize import DEFAULT_MIN_CONFIDENCE, find_digits, predict_mnist_arrays, read_digits, resolve_model
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # one request body; larger gets 413
 MAX_BATCH = 64  # images in one /api/predict/batch request
@@ -232,10 +232,11 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
 
         def work() -> dict:
             try:
-                with lock:
-                    reading = read_number(item, clf, min_confidence, name=name)
+                found = find_digits(item, name)  # decoding and segmenting need no lock
             except DeepDigitsError as exc:
                 raise ApiError(422, str(exc)) from None
+            with lock:
+                reading = read_digits(found, clf, min_confidence)
             return {**reading.to_dict(), "width": reading.size[0], "height": reading.size[1], "model": model_name}
 
         return await run_in_threadpool(work)
