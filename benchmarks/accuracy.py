@@ -4,6 +4,7 @@ Either evaluates bundles already trained by `deepdigits train --recipe best --se
 is read from the bundle), or, with --train, trains the members here first (about 9 minutes each on 2 cores).
 
     python benchmarks/accuracy.py --members runs/best-s0 runs/best-s1 runs/best-s2
+    python benchmarks/accuracy.py --members runs/best-s0 runs/best-s1 runs/best-s2 --tta
     python benchmarks/accuracy.py --train --seeds 0 1 2 --out runs
 """
 
@@ -17,12 +18,33 @@ from pathlib import Path
 import numpy as np
 
 
+def tta_views(images: np.ndarray) -> list[np.ndarray]:
+    """Nine views of uint8 digits for test-time augmentation: as they are, shifted one pixel each way,
+    rotated 8 degrees each way, zoomed to 92% and 108% (bilinear, rounded back to uint8 like any image)."""
+    import torch
+    import torch.nn.functional as F
+
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1)))
+    views = [images] + [np.roll(padded, shift, axis)[:, 1:-1, 1:-1] for axis in (1, 2) for shift in (-1, 1)]
+    x = torch.from_numpy(images).float().unsqueeze(1)
+    for degrees, zoom in ((8, 1.0), (-8, 1.0), (0, 0.92), (0, 1.08)):
+        angle = np.deg2rad(degrees)
+        theta = torch.tensor([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0]],
+                             dtype=torch.float32) / zoom
+        grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+        moved = F.grid_sample(x, grid, mode="bilinear", align_corners=False)
+        views.append(moved.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy())
+    return views
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", nargs="*", default=[], help="bundles of `best` networks")
     parser.add_argument("--train", action="store_true", help="train the members here first")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to train with --train")
     parser.add_argument("--out", default="runs", help="where --train saves the member bundles")
+    parser.add_argument("--tta", action="store_true",
+                        help="also score with test-time augmentation (probabilities of 9 views averaged)")
     parser.add_argument("--data-dir")
     args = parser.parse_args()
 
@@ -41,26 +63,39 @@ def main() -> None:
     if not members:
         raise SystemExit("nothing to measure: pass --members BUNDLE ... or --train")
 
+    views = tta_views(ds.x_test) if args.tta else []
+
+    def score(clf) -> tuple[float, float | None]:
+        plain = float((clf.predict(ds.x_test) == ds.y_test).mean())
+        if not views:
+            return plain, None
+        averaged = sum(clf.predict_proba(view) for view in views)
+        return plain, float((averaged.argmax(1) == ds.y_test).mean())
+
     rows = []
     for name, clf in members:
-        accuracy = float((clf.predict(ds.x_test) == ds.y_test).mean())
-        rows.append((name, clf.n_params, accuracy, clf.train_seconds))
+        rows.append((name, clf.n_params, *score(clf), clf.train_seconds))
     if len(members) >= 2:
         ensemble = combine([clf for _, clf in members])
-        accuracy = float((ensemble.predict(ds.x_test) == ds.y_test).mean())
-        rows.append((f"ensemble of {len(members)} (probabilities averaged)", ensemble.n_params, accuracy,
+        rows.append((f"ensemble of {len(members)} (probabilities averaged)", ensemble.n_params, *score(ensemble),
                      ensemble.train_seconds))
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
           f"Python {platform.python_version()}")
     print()
-    print("| model | parameters | test accuracy | errors of 10,000 | training seconds |")
-    print("|---|---:|---:|---:|---:|")
-    for name, params, accuracy, seconds in rows:
-        print(f"| {name} | {params:,} | {accuracy * 100:.2f}% | {round((1 - accuracy) * 10000)} | {seconds:.0f} |")
+    tta_header, tta_rule = (" with TTA (9 views) |", "---:|") if views else ("", "")
+    print(f"| model | parameters | test accuracy | errors of 10,000 |{tta_header} training seconds |")
+    print(f"|---|---:|---:|---:|{tta_rule}---:|")
+    for name, params, accuracy, with_tta, seconds in rows:
+        tta_cell = f" {with_tta * 100:.2f}% |" if with_tta is not None else ""
+        print(f"| {name} | {params:,} | {accuracy * 100:.2f}% | {round((1 - accuracy) * 10000)} |{tta_cell} "
+              f"{seconds:.0f} |")
     singles = [r[2] for r in rows[: len(members)]]
     print()
     print(f"single networks: mean {np.mean(singles) * 100:.3f}%, best {max(singles) * 100:.2f}%")
+    if views:
+        singles_tta = [r[3] for r in rows[: len(members)]]
+        print(f"single networks with TTA: mean {np.mean(singles_tta) * 100:.3f}%, best {max(singles_tta) * 100:.2f}%")
 
 
 if __name__ == "__main__":
