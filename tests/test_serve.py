@@ -88,6 +88,15 @@ def test_read_number(client, mnist):
     assert [len(d["box"]) for d in body["digits"]] == [4, 4, 4, 4] and body["width"] > body["height"]
 
 
+def test_read_number_bad_images_are_422_naming_the_file(client):
+    blank = io.BytesIO()
+    Image.new("L", (120, 60), 255).save(blank, format="PNG")
+    response = client.post("/api/read-number", files={"file": ("blank.png", blank.getvalue(), "image/png")})
+    assert response.status_code == 422 and response.json()["detail"] == "blank.png: no ink found: the image looks blank"
+    response = client.post("/api/read-number", files={"file": ("junk.png", b"not an image", "image/png")})
+    assert response.status_code == 422 and response.json()["detail"].startswith("junk.png:")
+
+
 def test_model_and_health(client):
     info = client.get("/api/model").json()
     assert info["name"] == "best-cnn" and info["dataset"] == "mnist" and info["test_metrics"]["accuracy"] >= 0.995
