@@ -22,17 +22,16 @@ def tta_views(images: np.ndarray) -> list[np.ndarray]:
     """Nine views of uint8 digits for test-time augmentation: as they are, shifted one pixel each way,
     rotated 8 degrees each way, zoomed to 92% and 108% (bilinear, rounded back to uint8 like any image)."""
     import torch
-    import torch.nn.functional as F
+
+    from deepdigits.train import affine_warp
 
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1)))
     views = [images] + [np.roll(padded, shift, axis)[:, 1:-1, 1:-1] for axis in (1, 2) for shift in (-1, 1)]
     x = torch.from_numpy(images).float().unsqueeze(1)
     for degrees, zoom in ((8, 1.0), (-8, 1.0), (0, 0.92), (0, 1.08)):
-        angle = np.deg2rad(degrees)
-        theta = torch.tensor([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0]],
-                             dtype=torch.float32) / zoom
-        grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
-        moved = F.grid_sample(x, grid, mode="bilinear", align_corners=False)
+        per_image = [torch.full((len(x),), value, dtype=torch.float64)
+                     for value in (np.deg2rad(degrees), zoom, 0.0, 0.0)]
+        moved = affine_warp(x, *per_image)
         views.append(moved.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy())
     return views
 
@@ -66,11 +65,12 @@ def main() -> None:
     views = tta_views(ds.x_test) if args.tta else []
 
     def score(clf) -> tuple[float, float | None]:
-        plain = float((clf.predict(ds.x_test) == ds.y_test).mean())
+        # the first view is the test set as it is: its probabilities give the plain score too
+        probabilities = [clf.predict_proba(view) for view in views or [ds.x_test]]
+        plain = float((probabilities[0].argmax(1) == ds.y_test).mean())
         if not views:
             return plain, None
-        averaged = sum(clf.predict_proba(view) for view in views)
-        return plain, float((averaged.argmax(1) == ds.y_test).mean())
+        return plain, float((sum(probabilities).argmax(1) == ds.y_test).mean())
 
     rows = []
     for name, clf in members:

@@ -163,6 +163,15 @@ def augment_batch(
     angle = uniform(-degrees, degrees) * (math.pi / 180.0)
     zoom = uniform(*scale)
     shift_x, shift_y = uniform(-2 * translate, 2 * translate), uniform(-2 * translate, 2 * translate)
+    return affine_warp(x, angle, zoom, shift_x, shift_y)
+
+
+def affine_warp(x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift_x: torch.Tensor,
+                shift_y: torch.Tensor) -> torch.Tensor:
+    """Rotate (radians), zoom and shift (in [-1, 1] image coordinates) each image of (N, 1, H, W), bilinear.
+
+    Each transform argument holds one value per image.
+    """
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
