@@ -49,7 +49,7 @@ def main() -> None:
 
     import torch
 
-    from deepdigits import combine, load, load_dataset, train_recipe
+    from deepdigits import DeepDigitsError, combine, load, load_dataset, train_recipe
 
     ds = load_dataset("mnist", data_dir=args.data_dir)
     members = []
@@ -58,7 +58,10 @@ def main() -> None:
             clf = train_recipe("best", dataset=ds, seed=seed, verbose=0)
             clf.save(Path(args.out) / f"best-s{seed}")
             members.append((f"best, seed {seed}", clf))
-    members += [(f"best ({path})", load(path)) for path in args.members]
+    try:
+        members += [(f"best ({path})", load(path)) for path in args.members]
+    except DeepDigitsError as exc:
+        raise SystemExit(f"accuracy.py: error: {exc}") from None
     if not members:
         raise SystemExit("nothing to measure: pass --members BUNDLE ... or --train")
 
