@@ -1,7 +1,9 @@
+import copy
 import json
 
 import numpy as np
 import pytest
+import torch
 
 import deepdigits
 from deepdigits import Classifier
@@ -28,6 +30,17 @@ def test_round_trip_gives_identical_predictions(trained, mnist, tmp_path):
     np.testing.assert_array_equal(loaded.predict_proba(mnist.x_test[:200]), trained.predict_proba(mnist.x_test[:200]))
     assert loaded.architecture == "tutorial-003" and loaded.history == trained.history
     assert loaded.metrics["accuracy"] == trained.metrics["accuracy"]
+
+
+def test_chunked_channels_last_prediction_matches_one_plain_forward_pass(trained, mnist):
+    # predict_proba switches the network to channels-last and works in chunks, for speed only
+    x = mnist.x_test[:300]
+    plain = copy.deepcopy(trained.network).to(memory_format=torch.contiguous_format).eval()
+    with torch.no_grad():
+        expected = torch.softmax(plain(trained._tensor(x)), dim=1).numpy()
+    for batch_size in (1, 7, 128, 1000):
+        np.testing.assert_allclose(trained.predict_proba(x, batch_size=batch_size), expected, atol=1e-5)
+    assert trained.network[3].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_fast_recipe_network_round_trips(mnist, tmp_path):

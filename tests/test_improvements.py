@@ -108,6 +108,49 @@ def test_fast_and_best_recipes_learn_on_small_data(mnist):
         assert clf.evaluate(mnist.x_test[:500], mnist.y_test[:500])["accuracy"] > minimum, name
 
 
+def test_bf16_is_used_only_where_the_device_computes_it_natively(mnist, monkeypatch, capsys):
+    import deepdigits.train as train
+
+    def run(native: bool) -> tuple[Classifier, object]:
+        monkeypatch.setattr(train, "native_bf16", lambda device: native)
+        clf = Classifier("strided-cnn", seed=0)
+        history = clf.fit(mnist.x_train[:768], mnist.y_train[:768], epochs=1, batch_size=192, optimizer="adamw",
+                          learning_rate=0.01, bf16=True, verbose=0)
+        return clf, history
+
+    emulated, history = run(native=False)
+    assert history.precision == "float32" and emulated.precision == "float32"
+    plain = Classifier("strided-cnn", seed=0)
+    plain.fit(mnist.x_train[:768], mnist.y_train[:768], epochs=1, batch_size=192, optimizer="adamw",
+              learning_rate=0.01, verbose=0)
+    for a, b in zip(emulated.network.parameters(), plain.network.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # exactly the float32 run
+
+    native, history = run(native=True)
+    assert history.precision == "bfloat16" and native.precision == "bfloat16"
+    assert any(not torch.equal(a, b) for a, b in zip(native.network.parameters(), plain.network.parameters(),
+                                                         strict=True))
+
+
+def test_settings_line_says_which_precision_training_uses(monkeypatch):
+    import deepdigits.train as train
+
+    cpu = torch.device("cpu")
+    assert train.precision_text(False, cpu) == "float32"
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert train.precision_text(True, cpu) == "bfloat16 autocast"
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    assert train.precision_text(True, cpu).startswith("float32 (this processor has no native bfloat16")
+
+
+def test_precision_is_saved_in_the_bundle(mnist, tmp_path):
+    clf = Classifier("tutorial-004", seed=0)
+    clf.fit(mnist.x_train[:500], mnist.y_train[:500], epochs=1, batch_size=100, verbose=0)
+    clf.save(tmp_path / "b", figures=False)
+    assert json.loads((tmp_path / "b" / "model.json").read_text())["precision"] == "float32"
+    assert load(tmp_path / "b").precision == "float32"
+
+
 # --------------------------------------------------------------------------- ensembles
 
 

@@ -20,7 +20,17 @@ from .errors import BundleError, DeepDigitsError
 from .evaluate import metrics_from_probabilities
 from .models import build_ensemble, build_model, count_params, resolve_name, summary, summary_dict
 from .preprocess import DEFAULT_SCALE, to_tensor
-from .train import History, Recipe, default_device, epochs_text, fit, get_recipe
+from .train import (
+    INFERENCE_BATCH,
+    History,
+    Recipe,
+    channels_last,
+    default_device,
+    epochs_text,
+    fit,
+    get_recipe,
+    precision_text,
+)
 
 
 class Classifier:
@@ -59,6 +69,7 @@ class Classifier:
         self.history: list[dict] = []
         self.interrupted = False
         self.train_seconds = 0.0
+        self.precision: str | None = None  # what training ran in: "float32" or "bfloat16"
         self.metrics: dict | None = None
         self.extra: dict = {}
 
@@ -105,14 +116,15 @@ class Classifier:
         self.history.extend(history.epochs)
         self.interrupted = history.interrupted
         self.train_seconds += history.train_seconds
+        self.precision = history.precision
         return history
 
     @torch.no_grad()
-    def predict_proba(self, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
         """Class probabilities (N, 10) for images (N, 28, 28) or one image (28, 28)."""
-        self.network.eval()
-        x = self._tensor(images)
-        parts = [torch.softmax(self.network(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+        network = channels_last(self.network).eval()
+        x = self._tensor(images).contiguous(memory_format=torch.channels_last)
+        parts = [torch.softmax(network(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
         return torch.cat(parts).numpy() if parts else np.zeros((0, len(self.class_names)), np.float32)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -148,6 +160,7 @@ class Classifier:
             "history": self.history,
             "interrupted": self.interrupted,
             "train_seconds": self.train_seconds,
+            "precision": self.precision,
             "metrics": self.metrics,
             "versions": {
                 "deepdigits": __version__,
@@ -203,6 +216,7 @@ class Classifier:
         clf.history = list(meta.get("history") or [])
         clf.interrupted = bool(meta.get("interrupted", False))
         clf.train_seconds = float(meta.get("train_seconds") or 0.0)
+        clf.precision = meta.get("precision")
         clf.metrics = meta.get("metrics")
         return clf
 
@@ -260,7 +274,8 @@ def train_recipe(
         print(f"Data: {ds.name} from {ds.source}", file=sys.stderr)
         print(f"Recipe: {chosen.name} — {chosen.description}", file=sys.stderr)
         print(f"Settings: {epochs_text(chosen.epochs)}, batch size {chosen.batch_size}, {chosen.optimizer} "
-              f"learning rate {chosen.learning_rate:g}, seed {chosen.seed}, device {default_device()}", file=sys.stderr)
+              f"learning rate {chosen.learning_rate:g}, seed {chosen.seed}, device {default_device()}, "
+              f"{precision_text(chosen.bf16, default_device())}", file=sys.stderr)
     clf = Classifier(chosen.architecture, class_names=ds.class_names, input_scale=chosen.input_scale,
                      seed=chosen.seed)
     clf.recipe = chosen.to_dict()

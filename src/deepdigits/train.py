@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ class Recipe:
     augment: bool = False  # small random affine transforms of every training batch, see augment_batch
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # >0: evaluate and keep an exponential moving average of the weights
-    bf16: bool = False  # bfloat16 autocast for the forward pass (fast on CPUs with AVX-512 BF16 and on GPUs)
+    bf16: bool = False  # bfloat16 autocast where the device computes it natively (see native_bf16)
     channels_last: bool = False
     members: int = 0  # >0: an ensemble of this many networks, each trained by member_recipe with its own seed
     member_recipe: str = ""
@@ -182,6 +183,35 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: CUDA GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX.
+
+    Elsewhere bfloat16 is emulated and slow: on an AVX2-only CPU (2 cores) a training step of ``best-cnn``
+    at batch 128 took 2,354 ms under bfloat16 autocast against 226 ms in float32, and one of
+    ``strided-cnn`` at batch 192 116 ms against 13 ms, so ``fit`` trains in float32 there.
+    """
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.4 had no including_emulation
+            return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return any(getattr(torch.cpu, name, lambda: False)()
+                   for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # Arm: BF16 dot-product instructions
+
+
+def precision_text(bf16: bool, device: torch.device) -> str:
+    """The arithmetic ``fit`` will train in, as the settings line reports it."""
+    if not bf16:
+        return "float32"
+    if native_bf16(device):
+        return "bfloat16 autocast"
+    return "float32 (this processor has no native bfloat16, where autocast runs about 10x slower)"
+
+
 def epochs_text(epochs: int) -> str:
     """'1 epoch', '15 epochs': for the lines that report a run."""
     return f"{epochs} epoch" + ("s" if epochs != 1 else "")
@@ -194,13 +224,30 @@ class History:
     epochs: list[dict] = field(default_factory=list)
     interrupted: bool = False
     train_seconds: float = 0.0
+    precision: str = "float32"  # or "bfloat16": what the forward pass ran in
 
     def column(self, key: str) -> list[float]:
         return [e[key] for e in self.epochs if key in e]
 
 
+# Inference runs in chunks of this many images with channels-last weights and inputs: on 2 CPU cores the
+# `best` network scored the 10,000 test images 3.7x as fast that way as in chunks of 2,000 in the plain
+# layout (2,279 against 607 images/s on an AVX2 machine; 3,936 against 1,126 on an AVX-512 one): large
+# chunks fall out of cache, and oneDNN's convolutions prefer channels-last.
+INFERENCE_BATCH = 128
+
+
+def channels_last(network: nn.Module) -> nn.Module:
+    """Switch ``network``'s convolution weights to channels-last in place, unless they already are."""
+    # any kernel, not the first: a (C, 1, k, k) kernel of a one-channel input is contiguous in both layouts
+    kernels = [p for p in network.parameters() if p.dim() == 4]
+    if any(not k.is_contiguous(memory_format=torch.channels_last) for k in kernels):
+        network.to(memory_format=torch.channels_last)
+    return network
+
+
 @torch.no_grad()
-def evaluate_batches(network: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> dict:
+def evaluate_batches(network: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = INFERENCE_BATCH) -> dict:
     """Mean cross-entropy loss and accuracy of ``network`` in eval mode."""
     was_training = network.training
     network.eval()
@@ -334,7 +381,8 @@ def fit(
 
     ``x`` is float (N, 1, 28, 28), ``y`` int64 labels. Ctrl-C stops training and restores the
     weights of the last finished epoch (``History.interrupted`` is then True). With ``ema_decay``,
-    validation uses, and training ends with, the moving average of the weights.
+    validation uses, and training ends with, the moving average of the weights. ``bf16`` asks for
+    bfloat16 autocast, used only where the device computes bfloat16 natively (:func:`native_bf16`).
     """
     if len(x) == 0:
         raise DeepDigitsError("training data is empty")
@@ -364,8 +412,9 @@ def fit(
     shuffle = torch.Generator(device="cpu").manual_seed(seed)
     augment_rng = torch.Generator(device="cpu").manual_seed(seed + 1)
     torch.manual_seed(seed)  # dropout masks
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    history = History()
+    use_bf16 = bf16 and native_bf16(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    history = History(precision="bfloat16" if use_bf16 else "float32")
     progress = _Progress(epochs, steps, verbose)
     last_good = copy.deepcopy(network.state_dict())
     started = time.perf_counter()
