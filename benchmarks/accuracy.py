@@ -83,8 +83,10 @@ def main() -> None:
         rows.append((f"ensemble of {len(members)} (probabilities averaged)", ensemble.n_params, *score(ensemble),
                      ensemble.train_seconds))
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
-          f"Python {platform.python_version()}")
+    print(f"machine: {platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores; "
+          f"torch {torch.__version__}; Python {platform.python_version()}")
+    trained_in = {name: clf.precision or "not recorded" for name, clf in members}
+    print("trained in: " + "; ".join(f"{name}: {precision}" for name, precision in trained_in.items()))
     print()
     tta_header, tta_rule = (" with TTA (9 views) |", "---:|") if views else ("", "")
     print(f"| model | parameters | test accuracy | errors of 10,000 |{tta_header} training seconds |")

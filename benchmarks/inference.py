@@ -91,7 +91,8 @@ def main() -> None:
     training_mib = peak_rss_training(args.data_dir)
     serving_mib = peak_rss_serving()
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
+    print(f"machine: {platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores; "
+          f"torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); Python {platform.python_version()}")
     print()
     print("| model | runtime | batch 1 (img/s) | batch 64 (img/s) | batch 1024 (img/s) |")
