@@ -173,6 +173,7 @@ def test_ensemble_averages_probabilities(members, mnist):
     np.testing.assert_allclose(ensemble.predict_proba(images), expected, atol=1e-6)
     assert count_params(ensemble.network) == 3 * 407_050
     assert isinstance(ensemble.network, Ensemble) and "3 members" in ensemble.summary()
+    assert ensemble.precision == "float32"  # what every member trained in
 
 
 def test_ensemble_bundle_round_trip(members, mnist, tmp_path):

@@ -307,6 +307,8 @@ def combine(classifiers: Sequence[Classifier]) -> Classifier:
     clf.dataset = first.dataset
     clf.recipe = {"name": "ensemble", "members": [c.recipe for c in classifiers]}
     clf.train_seconds = sum(c.train_seconds for c in classifiers)
+    precisions = {c.precision for c in classifiers}
+    clf.precision = precisions.pop() if len(precisions) == 1 else "mixed"
     clf.extra = {"member_metrics": [(c.metrics or {}).get("accuracy") for c in classifiers]}
     return clf
 
