@@ -108,7 +108,7 @@ def test_fast_and_best_recipes_learn_on_small_data(mnist):
         assert clf.evaluate(mnist.x_test[:500], mnist.y_test[:500])["accuracy"] > minimum, name
 
 
-def test_bf16_is_used_only_where_the_device_computes_it_natively(mnist, monkeypatch, capsys):
+def test_bf16_is_used_only_where_the_device_computes_it_natively(mnist, monkeypatch):
     import deepdigits.train as train
 
     def run(native: bool) -> tuple[Classifier, object]:

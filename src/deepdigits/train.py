@@ -203,13 +203,18 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # Arm: BF16 dot-product instructions
 
 
+def training_precision(bf16: bool, device: torch.device) -> str:
+    """What ``fit`` trains in on ``device``: "bfloat16" where asked for and native, else "float32"."""
+    return "bfloat16" if bf16 and native_bf16(device) else "float32"
+
+
 def precision_text(bf16: bool, device: torch.device) -> str:
     """The arithmetic ``fit`` will train in, as the settings line reports it."""
-    if not bf16:
-        return "float32"
-    if native_bf16(device):
+    if training_precision(bf16, device) == "bfloat16":
         return "bfloat16 autocast"
-    return "float32 (this processor has no native bfloat16, where autocast runs about 10x slower)"
+    if bf16:
+        return "float32 (this processor has no native bfloat16, where autocast runs about 10x slower)"
+    return "float32"
 
 
 def epochs_text(epochs: int) -> str:
@@ -412,9 +417,9 @@ def fit(
     shuffle = torch.Generator(device="cpu").manual_seed(seed)
     augment_rng = torch.Generator(device="cpu").manual_seed(seed + 1)
     torch.manual_seed(seed)  # dropout masks
-    use_bf16 = bf16 and native_bf16(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    history = History(precision="bfloat16" if use_bf16 else "float32")
+    precision = training_precision(bf16, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    history = History(precision=precision)
     progress = _Progress(epochs, steps, verbose)
     last_good = copy.deepcopy(network.state_dict())
     started = time.perf_counter()
