@@ -23,7 +23,7 @@ def tta_views(images: np.ndarray) -> list[np.ndarray]:
     rotated 8 degrees each way, zoomed to 92% and 108% (bilinear, rounded back to uint8 like any image)."""
     import torch
 
-    from deepdigits.train import affine_warp
+    from deepdigits.augment import affine_warp
 
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1)))
     views = [images] + [np.roll(padded, shift, axis)[:, 1:-1, 1:-1] for axis in (1, 2) for shift in (-1, 1)]

@@ -74,13 +74,12 @@ def main() -> None:
 
     import torch
 
-    from deepdigits import load_dataset, train_recipe
+    from deepdigits import load, load_dataset, train_recipe
     from deepdigits.export import OnnxClassifier
-    from deepdigits.recognize import resolve_model
 
     ds = load_dataset("mnist", data_dir=args.data_dir)
     images = ds.x_test[:1024]
-    models = {"fast": train_recipe("fast", dataset=ds, verbose=0), "best": resolve_model(args.best)}
+    models = {"fast": train_recipe("fast", dataset=ds, verbose=0), "best": load(args.best)}
     rows = []
     for name, clf in models.items():
         runtimes = {"PyTorch": clf.predict_proba, "ONNX Runtime": OnnxClassifier.from_classifier(clf).predict_proba}

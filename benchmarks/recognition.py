@@ -1,6 +1,6 @@
 """How well the built-in model (or another) reads realistic photos made from MNIST test digits.
 
-Uses the same generator as the tests (tests/handwriting.py): dark ink on light paper, off-centre, 60-260 px
+Uses the same generator as the tests (deepdigits.synthetic): dark ink on light paper, off-centre, 60-260 px
 tall, thin to thick strokes, rotated up to 10 degrees, a lighting gradient, noise and JPEG compression;
 numbers of 2-6 such digits side by side with varied gaps.
 
@@ -10,16 +10,13 @@ numbers of 2-6 such digits side by side with varied gaps.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from deepdigits import load_dataset
-from deepdigits.recognize import predict_digit, read_number, resolve_model
-from handwriting import render_digit, render_number
+from deepdigits import load, load_dataset
+from deepdigits.recognize import predict_digit, read_number
+from deepdigits.synthetic import render_digit, render_number
 
 
 def main() -> None:
@@ -32,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     ds = load_dataset("mnist", data_dir=args.data_dir)
-    model = resolve_model(args.model)
+    model = load(args.model)
     rng = np.random.default_rng(args.seed)
 
     started = time.perf_counter()

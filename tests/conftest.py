@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from deepdigits import Classifier
 from deepdigits.data import DATASETS, DatasetSpec, load_dataset, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def json_lines(text: str) -> list:
+    """Parse JSON Lines output (``predict --json``): one object per line, every line valid JSON."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _real_data_root() -> Path | None:
@@ -68,3 +75,23 @@ def tiny(tmp_path, monkeypatch):
     spec = make_tiny_dataset(tmp_path / "src")
     monkeypatch.setitem(DATASETS, spec.name, spec)
     return spec, tmp_path / "src"
+
+
+@pytest.fixture(scope="module")
+def members(mnist):
+    out = []
+    for seed in (0, 1, 2):
+        clf = Classifier("tutorial-004", seed=seed)
+        clf.dataset = {"name": "mnist"}
+        clf.fit(mnist.x_train[:2000], mnist.y_train[:2000], epochs=1, batch_size=64, optimizer="rmsprop",
+                seed=seed, verbose=0)
+        out.append(clf)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_model(mnist):
+    clf = Classifier("tutorial-002", seed=0)
+    clf.fit(mnist.x_train[:3000], mnist.y_train[:3000], epochs=2, batch_size=32, optimizer="sgd",
+            learning_rate=0.1, validation_split=0.1, verbose=0)
+    return clf

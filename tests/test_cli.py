@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import json_lines
 from deepdigits.cli import main
 
 
@@ -61,7 +62,7 @@ def test_train_evaluate_predict(capsys, bundle, data_root):
     assert code == 0 and "labels:      [7 2 1 0 4 1 4 9 5 9 0 6 9 0 1 5 9 7 3 4]" in out
     assert out.strip().splitlines()[-1].endswith("/20 correct")
     code, out, _ = run(capsys, "predict", "--model", bundle, "--test-index", "3", "--data-dir", data_root, "--json")
-    row = json.loads(out)[0]
+    (row,) = json_lines(out)
     assert row["index"] == 3 and row["label"] == 0 and len(row["probabilities"]) == 10
 
 

@@ -72,7 +72,8 @@ def test_summary_text_is_keras_like():
     assert any(line.startswith("conv2d_1 (Conv2D, relu)") and line.endswith("18,496") for line in lines)
     assert any(line.startswith("max_pooling2d_1 (MaxPooling2D)") and "(None, 64, 5, 5)" in line for line in lines)
     assert any(line.startswith("dense (Dense, softmax)") and line.endswith("16,010") for line in lines)
-    assert lines[-3:] == ["Total params: 34,826", "Trainable params: 34,826", "Non-trainable params: 0"]
+    assert lines[-3:] == ["Total params: 34,826 (136.04 KB)", "Trainable params: 34,826 (136.04 KB)",
+                          "Non-trainable params: 0 (0.00 B)"]
 
 
 def test_summary_dict():

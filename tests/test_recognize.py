@@ -5,20 +5,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import json_lines
 from deepdigits.cli import main
-from deepdigits.errors import DeepDigitsError
-from deepdigits.export import OnnxClassifier, export_onnx
+from deepdigits.predictor import BUILTIN_MODEL, builtin_model
 from deepdigits.preprocess import to_mnist
-from deepdigits.recognize import (
-    BUILTIN_MODEL,
-    builtin_model,
-    find_digits,
-    predict_digit,
-    read_digits,
-    read_number,
-    segment_digits,
-)
-from handwriting import render_digit, render_number
+from deepdigits.recognize import predict_digit, read_number
+from deepdigits.synthetic import render_digit, render_number
 
 
 def run(capsys, *args):
@@ -71,56 +63,7 @@ def test_numbers_are_read(mnist):
     assert digits_right / digits_total >= 0.9
 
 
-def test_touching_digits_are_split(mnist):
-    # two digits pasted so their strokes overlap by a few pixels
-    a, b = (np.asarray(Image.fromarray(255 - mnist.x_test[i]).resize((120, 120))) for i in (1, 3))  # 2 and 0
-    canvas = np.full((200, 300), 255, np.uint8)
-    canvas[40:160, 30:150] = np.minimum(canvas[40:160, 30:150], a)
-    canvas[40:160, 128:248] = np.minimum(canvas[40:160, 128:248], b)
-    reading = read_number(canvas)
-    assert reading.number == "20"
-
-
-def test_finding_digits_needs_no_model_and_reading_them_matches_read_number(mnist):
-    # the server cuts digits out before it takes the inference lock, so this split must not change answers
-    rng = np.random.default_rng(3)
-    image = render_number([mnist.x_test[i] for i in (0, 1, 2)], rng)  # 7 2 1
-    found = find_digits(image)
-    assert found.crops.shape == (3, 28, 28) and found.crops.dtype == np.uint8
-    assert found.size == Image.open(io.BytesIO(image)).size
-    whole = read_number(image)
-    assert read_digits(found).to_dict() == whole.to_dict() and whole.number == "721"
-    assert [d.box for d in whole.digits] == found.boxes
-    with pytest.raises(DeepDigitsError, match="blank"):
-        find_digits(np.full((50, 80), 255, np.uint8), name="empty.png")
-
-
-def test_broken_stroke_is_merged(mnist):
-    digit = np.asarray(Image.fromarray(mnist.x_test[15]).resize((140, 140))).copy()  # a 5
-    digit[52:56, :] = 0  # cut the 5's flag off horizontally
-    pieces = segment_digits(np.pad(digit, 30).astype(np.float32) / 255)
-    assert len(pieces) == 1
-
-
 # --------------------------------------------------------------------------- ONNX
-
-
-def test_onnx_export_matches_pytorch(mnist, tmp_path):
-    clf = builtin_model()
-    path = export_onnx(clf, tmp_path / "model.onnx")
-    onnx_model = OnnxClassifier(path)
-    images = mnist.x_test[:500]
-    assert np.abs(onnx_model.predict_proba(images) - clf.predict_proba(images)).max() < 1e-4
-    assert onnx_model.class_names == clf.class_names
-
-
-def test_bad_onnx_file(tmp_path):
-    from deepdigits.errors import DeepDigitsError
-
-    path = tmp_path / "junk.onnx"
-    path.write_bytes(b"not onnx")
-    with pytest.raises(DeepDigitsError, match=r"junk\.onnx: not a readable ONNX model"):
-        OnnxClassifier(path)
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -142,21 +85,21 @@ def test_predict_files_table_and_json(capsys, photos):
     rows = out.strip().splitlines()[1:]
     assert [r.split()[1] for r in rows] == ["7", "2", "1", "0"]
     code, out, _ = run(capsys, "predict", photos / "digit0.jpg", "--json")
-    (row,) = json.loads(out)
+    (row,) = json_lines(out)
     assert set(row) == {"file", "digit", "confidence", "top", "unsure", "probabilities"}
     assert row["digit"] == 7 and len(row["top"]) == 3 and row["unsure"] is False
 
 
 def test_predict_glob_and_dir(capsys, photos):
     code, out, _ = run(capsys, "predict", str(photos / "digit*.jpg"), "--json")
-    assert code == 0 and [r["digit"] for r in json.loads(out)] == [7, 2, 1, 0]
+    assert code == 0 and [r["digit"] for r in json_lines(out)] == [7, 2, 1, 0]
     code, out, _ = run(capsys, "predict", photos, "--json")
-    assert len(json.loads(out)) == 5
+    assert len(json_lines(out)) == 5
 
 
 def test_min_confidence_marks_unsure(capsys, photos):
     code, out, _ = run(capsys, "predict", photos / "digit1.jpg", "--min-confidence", "1.0", "--json")
-    assert code == 0 and json.loads(out)[0]["unsure"] is True
+    assert code == 0 and json_lines(out)[0]["unsure"] is True
     _, out, _ = run(capsys, "predict", photos / "digit1.jpg", "--min-confidence", "1.0")
     assert out.strip().endswith("unsure")
 
@@ -169,7 +112,7 @@ def test_bad_files_fail_alone(capsys, photos, tmp_path):
     code, out, err = run(capsys, "predict", photos / "digit0.jpg", tmp_path / "empty.png", tmp_path / "notes.png",
                          tmp_path / "cut.jpg", tmp_path / "missing.png", "--json")
     assert code == 1
-    assert [r["digit"] for r in json.loads(out)] == [7]
+    assert [r["digit"] for r in json_lines(out)] == [7]
     lines = err.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("deepdigits: error: ") for line in lines)
     assert "empty.png: empty file" in err and "notes.png: not an image" in err
@@ -179,7 +122,7 @@ def test_bad_files_fail_alone(capsys, photos, tmp_path):
 def test_predict_number_with_overlay(capsys, photos, tmp_path):
     overlay = tmp_path / "boxes.png"
     code, out, _ = run(capsys, "predict", "--number", photos / "number.jpg", "--overlay", overlay, "--json")
-    (row,) = json.loads(out)
+    (row,) = json_lines(out)
     assert code == 0 and row["number"] == "721" and len(row["digits"]) == 3
     assert all(len(d["box"]) == 4 for d in row["digits"])
     with Image.open(overlay) as image:
@@ -190,7 +133,7 @@ def test_predict_runtime_onnx_agrees(capsys, photos):
     _, torch_out, _ = run(capsys, "predict", photos, "--json")
     code, onnx_out, _ = run(capsys, "predict", photos, "--json", "--runtime", "onnx")
     assert code == 0
-    for a, b in zip(json.loads(torch_out), json.loads(onnx_out), strict=True):
+    for a, b in zip(json_lines(torch_out), json_lines(onnx_out), strict=True):
         assert a["digit"] == b["digit"] and abs(a["confidence"] - b["confidence"]) < 1e-4
 
 
@@ -198,7 +141,7 @@ def test_export_and_preprocess_commands(capsys, photos, tmp_path):
     code, out, _ = run(capsys, "export", "--onnx", tmp_path / "m.onnx")
     assert code == 0 and "ONNX Runtime matches PyTorch within" in out
     code, out, _ = run(capsys, "predict", photos / "digit3.jpg", "--model", tmp_path / "m.onnx", "--json")
-    assert json.loads(out)[0]["digit"] == 0
+    assert json_lines(out)[0]["digit"] == 0
     code, out, _ = run(capsys, "preprocess", photos / "digit0.jpg", "--out", tmp_path / "seen.png")
     with Image.open(tmp_path / "seen.png") as seen:
         assert seen.size == (280, 280)

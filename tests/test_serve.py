@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from deepdigits.serve import MAX_BATCH, create_app
-from handwriting import render_digit, render_number
+from deepdigits.synthetic import render_digit, render_number
 
 
 @pytest.fixture(scope="module")

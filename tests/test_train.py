@@ -4,9 +4,11 @@ import torch
 
 from deepdigits import Classifier
 from deepdigits.errors import DeepDigitsError
+from deepdigits.losses import LOSSES
 from deepdigits.models import build_model
 from deepdigits.preprocess import to_tensor
-from deepdigits.train import LOSSES, RECIPES, fit, get_recipe, make_optimizer
+from deepdigits.recipes import RECIPES, get_recipe
+from deepdigits.train import WeightAverage, fit, make_optimizer
 
 
 def test_recipes_match_the_tutorials():
@@ -117,3 +119,43 @@ def test_to_tensor_shapes_and_errors():
     assert to_tensor(np.full((2, 28, 28), 255, np.uint8)).max().item() == pytest.approx(1.0)
     with pytest.raises(DeepDigitsError, match=r"got \(3, 32, 32\)"):
         to_tensor(np.zeros((3, 32, 32), np.uint8))
+
+
+def test_onecycle_schedule_warms_up_then_anneals(mnist):
+    network = build_model("tutorial-004", seed=0)
+    rates = []
+    original = torch.optim.lr_scheduler.OneCycleLR.step
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        rates.append(self.optimizer.param_groups[0]["lr"])
+
+    torch.optim.lr_scheduler.OneCycleLR.step = record
+    try:
+        fit(network, to_tensor(mnist.x_train[:1000]), torch.from_numpy(mnist.y_train[:1000]).long(),
+            optimizer="adamw", learning_rate=0.01, batch_size=100, epochs=4, schedule="onecycle", verbose=0)
+    finally:
+        torch.optim.lr_scheduler.OneCycleLR.step = original
+    peak = int(np.argmax(rates))
+    assert max(rates) == pytest.approx(0.01, rel=1e-3)
+    assert 5 <= peak <= 15  # 25% of 40 steps
+    assert rates[-1] < 0.01 * 0.01 and rates[0] < 0.01 * 0.1
+
+
+def test_weight_average_warms_up():
+    network = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(network.weight)
+    average = WeightAverage(network, decay=0.999)
+    with torch.no_grad():
+        network.weight.fill_(1.0)
+    average.update(network)  # decay min(0.999, 2/11): the first update moves most of the way
+    assert average.module.weight[0, 0].item() == pytest.approx(1 - 2 / 11)
+
+
+def test_fast_and_best_recipes_learn_on_small_data(mnist):
+    for name, minimum in (("fast", 0.7), ("best", 0.85)):  # fast: 16 steps here; chance is 0.1
+        recipe = RECIPES[name]
+        clf = Classifier(recipe.architecture, seed=0)
+        options = {**recipe.fit_options(), "epochs": 2}
+        clf.fit(mnist.x_train[:2000], mnist.y_train[:2000], verbose=0, **options)
+        assert clf.evaluate(mnist.x_test[:500], mnist.y_test[:500])["accuracy"] > minimum, name

@@ -4,37 +4,48 @@ Progressive disclosure, Keras-style::
 
     import deepdigits
     clf = deepdigits.train_recipe("tutorial-003")      # data, network, recipe: one call
-    clf.evaluate(*deepdigits.load_dataset().split("test"))["accuracy"]
+    clf.score(*deepdigits.load_dataset().split("test"))
     clf.save("runs/cnn")
-    deepdigits.load("runs/cnn").predict(images)
+    deepdigits.load("runs/cnn").predict(images)          # deepdigits.load() alone: the built-in model
 
-or step by step with ``load_dataset``, ``Classifier(architecture).fit(...)``, ``.summary()``.
+or step by step with ``load_dataset``, ``Classifier.from_recipe(...)`` / ``Classifier(architecture).fit(...)``,
+``.summary()``. Names are imported on first use, so ``import deepdigits`` (and the CLI's ``--help``) stays
+instant; torch loads when a name that needs it is first touched.
 """
 
-__version__ = "0.1.0"
+from importlib import import_module
 
-from .classifier import Classifier, combine, load, train_recipe
-from .data import DATASETS, Dataset, load_dataset
 from .errors import BundleError, DataError, DeepDigitsError
-from .models import REGISTRY, build_model, summary
-from .train import RECIPES, Recipe, get_recipe
+from .version import __version__
 
-__all__ = [
-    "DATASETS",
-    "RECIPES",
-    "REGISTRY",
-    "BundleError",
-    "Classifier",
-    "DataError",
-    "Dataset",
-    "DeepDigitsError",
-    "Recipe",
-    "__version__",
-    "build_model",
-    "combine",
-    "get_recipe",
-    "load",
-    "load_dataset",
-    "summary",
-    "train_recipe",
-]
+_LAZY = {
+    "Classifier": "classifier",
+    "combine": "classifier",
+    "train_recipe": "classifier",
+    "load": "predictor",
+    "Predictor": "predictor",
+    "ModelCard": "predictor",
+    "DATASETS": "data",
+    "Dataset": "data",
+    "load_dataset": "data",
+    "REGISTRY": "models",
+    "build_model": "models",
+    "summary": "models",
+    "RECIPES": "recipes",
+    "Recipe": "recipes",
+    "get_recipe": "recipes",
+}
+
+__all__ = ["BundleError", "DataError", "DeepDigitsError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'deepdigits' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -8,29 +8,26 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from . import __version__
 from .bundle import load_bundle, save_bundle
 from .data import Dataset, load_dataset
 from .data import validation_split as split_last_fraction
+from .device import INFERENCE_BATCH, channels_last, default_device, precision_text
 from .errors import BundleError, DeepDigitsError
 from .evaluate import metrics_from_probabilities
 from .models import build_ensemble, build_model, count_params, resolve_name, summary, summary_dict
+from .predictor import ModelCard
 from .preprocess import DEFAULT_SCALE, to_tensor
-from .train import (
-    INFERENCE_BATCH,
-    History,
-    Recipe,
-    channels_last,
-    default_device,
-    epochs_text,
-    fit,
-    get_recipe,
-    precision_text,
-)
+from .progress import epochs_text
+from .recipes import Recipe, get_recipe
+from .version import __version__
+
+if TYPE_CHECKING:  # training is imported when fit is called: loading a model to serve it never imports it
+    from .train import History
 
 
 class Classifier:
@@ -73,6 +70,21 @@ class Classifier:
         self.metrics: dict | None = None
         self.extra: dict = {}
 
+    @classmethod
+    def from_recipe(cls, recipe: str | Recipe, *, class_names: Sequence[str] | None = None,
+                    seed: int | None = None) -> Classifier:
+        """A fresh, untrained classifier built as ``recipe`` says (network, input scaling), the recipe attached.
+
+        ``seed`` initialises the network (default: the recipe's); train it with ``fit(x, y, **recipe.fit_options())``.
+        """
+        chosen = get_recipe(recipe) if isinstance(recipe, str) else recipe
+        if chosen.members:
+            raise DeepDigitsError(f"recipe {chosen.name!r} is an ensemble; train it with train_recipe")
+        clf = cls(chosen.architecture, class_names=class_names, input_scale=chosen.input_scale,
+                  seed=chosen.seed if seed is None else seed)
+        clf.recipe = chosen.to_dict()
+        return clf
+
     # ------------------------------------------------------------------ Keras-style verbs
 
     def fit(
@@ -95,6 +107,8 @@ class Classifier:
         Further ``options`` go to :func:`deepdigits.train.fit`: ``loss``, ``weight_decay``, ``schedule``,
         ``augment``, ``label_smoothing``, ``ema_decay``, ``bf16``, ``channels_last``.
         """
+        from .train import fit
+
         x_train, y_train, x_val, y_val = split_last_fraction(np.asarray(x), np.asarray(y), validation_split)
         if validation_data is not None:
             x_val, y_val = validation_data
@@ -132,8 +146,25 @@ class Classifier:
         return self.predict_proba(images).argmax(axis=1)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict:
-        """Test loss, accuracy, per-class precision/recall/F1 and the confusion matrix."""
-        return metrics_from_probabilities(self.predict_proba(x), np.asarray(y), self.class_names)
+        """Loss (the one the recipe trained with), accuracy, per-class precision/recall/F1 and the confusion matrix."""
+        recipe = self.recipe or {}
+        return metrics_from_probabilities(self.predict_proba(x), np.asarray(y), self.class_names,
+                                          loss=recipe.get("loss") or "cross-entropy",
+                                          label_smoothing=float(recipe.get("label_smoothing") or 0.0))
+
+    def score(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Mean accuracy on images ``x`` and labels ``y``, as scikit-learn's ``score``."""
+        return float(np.mean(self.predict(x) == np.asarray(y))) if len(y) else 0.0
+
+    def card(self) -> ModelCard:
+        """Name, architecture, size and test metrics: what ``/api/model`` and the CLI show."""
+        metrics = self.metrics or {}
+        return ModelCard(
+            name=self.architecture, architecture=self.architecture, runtime="torch", class_names=self.class_names,
+            parameters=self.n_params, dataset=(self.dataset or {}).get("name"),
+            recipe=(self.recipe or {}).get("name"),
+            test_metrics={k: metrics[k] for k in ("accuracy", "loss", "n") if k in metrics},
+        )
 
     def summary(self) -> str:
         return summary(self.network, self.architecture)
@@ -172,21 +203,12 @@ class Classifier:
             **self.extra,
         }
 
-    def save(self, path: str | os.PathLike, figures: bool = True) -> Path:
+    def save(self, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
         """Write this classifier as a bundle folder (safetensors weights + JSON), atomically.
 
-        With ``figures``, the training curves and the test confusion matrix go in as PNGs too.
+        ``extra_files`` (name -> bytes) go in too: ``deepdigits train`` adds ``plots.bundle_figures(clf)``.
         """
-        extra: dict[str, bytes] = {}
-        if figures:
-            from .plots import confusion_matrix_figure, figure_png_bytes, training_curves
-
-            if self.history:
-                extra["curves.png"] = figure_png_bytes(training_curves(self.history, f"{self.architecture}"))
-            if self.metrics:
-                matrix = self.metrics["confusion_matrix"]
-                extra["confusion.png"] = figure_png_bytes(confusion_matrix_figure(matrix, self.class_names))
-        return save_bundle(path, self.network.state_dict(), self.metadata(), extra)
+        return save_bundle(path, self.network.state_dict(), self.metadata(), extra_files)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Classifier:
@@ -273,12 +295,8 @@ def train_recipe(
     if verbose:
         print(f"Data: {ds.name} from {ds.source}", file=sys.stderr)
         print(f"Recipe: {chosen.name} — {chosen.description}", file=sys.stderr)
-        print(f"Settings: {epochs_text(chosen.epochs)}, batch size {chosen.batch_size}, {chosen.optimizer} "
-              f"learning rate {chosen.learning_rate:g}, seed {chosen.seed}, device {default_device()}, "
-              f"{precision_text(chosen.bf16, default_device())}", file=sys.stderr)
-    clf = Classifier(chosen.architecture, class_names=ds.class_names, input_scale=chosen.input_scale,
-                     seed=chosen.seed)
-    clf.recipe = chosen.to_dict()
+        print(f"Settings: {settings_text(chosen, base)}", file=sys.stderr)
+    clf = Classifier.from_recipe(chosen, class_names=ds.class_names)
     clf.dataset = {"name": ds.name, "source": ds.source, "sha256": ds.checksums}
     x_train, y_train, x_val, y_val = split_last_fraction(ds.x_train, ds.y_train, chosen.validation_split)
     clf.fit(x_train, y_train, validation_data=(x_val, y_val) if len(x_val) else None, verbose=verbose,
@@ -286,6 +304,21 @@ def train_recipe(
     if clf.history:
         clf.metrics = clf.evaluate(ds.x_test, ds.y_test)
     return clf
+
+
+def settings_text(chosen: Recipe, base: Recipe | None = None) -> str:
+    """The settings a run uses, each changed from ``base`` (the named recipe) marked with the recipe's value."""
+    def value(field: str, text: str) -> str:
+        if base is not None and getattr(base, field) != getattr(chosen, field):
+            return f"{text} (recipe: {getattr(base, field):g})"
+        return text
+
+    return ", ".join([
+        value("epochs", epochs_text(chosen.epochs)), value("batch_size", f"batch size {chosen.batch_size}"),
+        value("learning_rate", f"{chosen.optimizer} learning rate {chosen.learning_rate:g}"),
+        value("seed", f"seed {chosen.seed}"), f"device {default_device()}",
+        precision_text(chosen.bf16, default_device()),
+    ])
 
 
 def combine(classifiers: Sequence[Classifier]) -> Classifier:
@@ -310,6 +343,18 @@ def combine(classifiers: Sequence[Classifier]) -> Classifier:
     precisions = {c.precision for c in classifiers}
     clf.precision = precisions.pop() if len(precisions) == 1 else "mixed"
     clf.extra = {"member_metrics": [(c.metrics or {}).get("accuracy") for c in classifiers]}
+    return clf
+
+
+def combine_and_evaluate(members: Sequence[Classifier], x: np.ndarray, y: np.ndarray) -> Classifier:
+    """``combine`` the members and score all on ``(x, y)``: each member runs once, the ensemble averages them.
+
+    The ensemble's ``metrics`` are its test metrics; ``extra["member_metrics"]`` the members' accuracies.
+    """
+    clf = combine(members)
+    probabilities = [member.predict_proba(x) for member in members]
+    clf.extra = {"member_metrics": [float(np.mean(p.argmax(1) == y)) for p in probabilities]}
+    clf.metrics = metrics_from_probabilities(np.mean(probabilities, axis=0), y, clf.class_names)
     return clf
 
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 from .classifier import Classifier
 from .data import Dataset, load_dataset
 from .errors import DeepDigitsError
-from .train import Recipe, get_recipe
+from .recipes import Recipe, get_recipe
 
 
 def weights_fingerprint(network: torch.nn.Module) -> str:
@@ -59,15 +60,14 @@ def cross_validate(
         if verbose:
             print(f"Fold {fold}/{folds}: training on {len(train_idx):,} images, validating on {len(val_idx):,}",
                   file=sys.stderr)
-        clf = Classifier(chosen.architecture, class_names=ds.class_names, input_scale=chosen.input_scale,
-                         seed=seed + fold)
+        clf = Classifier.from_recipe(chosen, class_names=ds.class_names, seed=seed + fold)
         initial = weights_fingerprint(clf.network)
         started = time.perf_counter()
         options = {**chosen.fit_options(), "seed": seed + fold}
         clf.fit(x[train_idx], y[train_idx], validation_data=(x[val_idx], y[val_idx]), verbose=verbose, **options)
         if clf.interrupted:
             raise KeyboardInterrupt
-        accuracy = float(np.mean(clf.predict(x[val_idx]) == y[val_idx]))
+        accuracy = clf.score(x[val_idx], y[val_idx])
         results.append({
             "fold": fold,
             "train_size": len(train_idx),
@@ -104,4 +104,19 @@ def to_json(result: dict) -> dict:
         {k: v for k, v in r.items() if k not in ("train_indices", "validation_indices")}
         for r in result["fold_results"]
     ]
+    return out
+
+
+def save_crossval(result: dict, folder: str | os.PathLike) -> Path:
+    """Write ``crossval.json``, ``curves.png`` and ``scores.png`` into ``folder`` (each atomically)."""
+    import json
+
+    from .atomic import atomic_write_text
+    from .plots import crossval_curves, crossval_scores, save_figure
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "crossval.json", json.dumps(to_json(result), indent=2, allow_nan=False) + "\n")
+    save_figure(crossval_curves(result["fold_results"]), out / "curves.png")
+    save_figure(crossval_scores(result["scores"]), out / "scores.png")
     return out

@@ -14,6 +14,7 @@ from torch import nn
 
 from .atomic import atomic_write_bytes
 from .errors import DeepDigitsError
+from .predictor import ModelCard
 from .preprocess import to_tensor
 
 OPSET = 17
@@ -32,10 +33,8 @@ class _Probabilities(nn.Module):
 
 def onnx_bytes(classifier) -> bytes:
     """The classifier as an ONNX model: input ``images`` float (N, 1, 28, 28) in [0, 1], output ``probabilities``."""
-    try:
-        import onnx
-    except ImportError:
-        raise DeepDigitsError("ONNX export needs the onnx package: pip install 'deepdigits[onnx]'") from None
+    import onnx
+
     module = _Probabilities(classifier.network).eval()
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -50,6 +49,7 @@ def onnx_bytes(classifier) -> bytes:
         "deepdigits.class_names": json.dumps(list(classifier.class_names)),
         "deepdigits.input": "float32 (N, 1, 28, 28): MNIST-style images scaled by input_scale",
         "deepdigits.input_scale": repr(classifier.input_scale),
+        "deepdigits.card": json.dumps(classifier.card().to_dict()),
     }
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -63,19 +63,11 @@ def export_onnx(classifier, path: str | os.PathLike) -> Path:
 
 
 class OnnxClassifier:
-    """An exported model run by ONNX Runtime, with the same ``predict_proba``/``predict`` as ``Classifier``."""
-
-    # what a bundle knows about itself; filled in when exported in memory from a loaded bundle
-    n_params: int | None = None
-    metrics: dict | None = None
-    dataset: dict | None = None
-    recipe: dict | None = None
+    """An exported model run by ONNX Runtime: a ``Predictor`` like ``Classifier`` (``predict_proba``, ``card``)."""
 
     def __init__(self, model: str | os.PathLike | bytes, name: str | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise DeepDigitsError("--runtime onnx needs onnxruntime: pip install 'deepdigits[onnx]'") from None
+        import onnxruntime as ort
+
         label = name or (str(model) if not isinstance(model, bytes) else "ONNX model")
         source = model if isinstance(model, bytes) else str(model)
         if not isinstance(model, bytes) and not Path(model).is_file():
@@ -91,19 +83,52 @@ class OnnxClassifier:
         self.class_names = tuple(json.loads(meta.get("deepdigits.class_names", json.dumps(list("0123456789")))))
         self.input_scale = float(meta.get("deepdigits.input_scale", 1 / 255))
         self.input_name = self.session.get_inputs()[0].name
+        self._card = self._read_card(meta.get("deepdigits.card"), source)
+
+    def _read_card(self, stored: str | None, source: str | bytes) -> ModelCard:
+        """The card stored at export, else one made from the graph (parameters counted from its weights)."""
+        try:
+            fields = json.loads(stored) if stored else {}
+        except json.JSONDecodeError:
+            fields = {}
+        if not isinstance(fields, dict):
+            fields = {}
+        if not isinstance(fields.get("parameters"), int):
+            import onnx
+
+            graph = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source)
+            fields["parameters"] = sum(int(np.prod(t.dims)) for t in graph.graph.initializer)
+        return ModelCard(
+            name=str(fields.get("name") or self.architecture), architecture=self.architecture, runtime="onnx",
+            class_names=self.class_names, parameters=fields["parameters"],
+            dataset=fields.get("dataset") if isinstance(fields.get("dataset"), str) else None,
+            recipe=fields.get("recipe") if isinstance(fields.get("recipe"), str) else None,
+            test_metrics=fields.get("test_metrics") if isinstance(fields.get("test_metrics"), dict) else {},
+        )
 
     @classmethod
     def from_classifier(cls, classifier) -> OnnxClassifier:
-        model = cls(onnx_bytes(classifier), name=f"{classifier.architecture} (exported in memory)")
-        for attribute in ("n_params", "metrics", "dataset", "recipe"):
-            setattr(model, attribute, getattr(classifier, attribute, None))
-        return model
+        """A loaded classifier exported in memory and run by ONNX Runtime."""
+        return cls(onnx_bytes(classifier), name=f"{classifier.architecture} (exported in memory)")
+
+    def card(self) -> ModelCard:
+        return self._card
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Class probabilities (N, classes), as ``Classifier.predict_proba``."""
         x = to_tensor(images, self.input_scale).numpy()
         parts = [self.session.run(None, {self.input_name: x[i : i + batch_size]})[0]
                  for i in range(0, len(x), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.class_names)), np.float32)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
+        """The most probable class of each image."""
         return self.predict_proba(images).argmax(axis=1)
+
+
+def export_and_check(classifier, path: str | os.PathLike, probes: int = 64) -> tuple[Path, float]:
+    """Export to ONNX, then run ``probes`` random images through both runtimes: ``(path, largest difference)``."""
+    written = export_onnx(classifier, path)
+    probe = np.random.default_rng(0).integers(0, 256, (probes, 28, 28), dtype=np.uint8)
+    difference = float(np.abs(OnnxClassifier(written).predict_proba(probe) - classifier.predict_proba(probe)).max())
+    return written, difference

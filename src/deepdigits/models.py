@@ -293,6 +293,8 @@ def summary_dict(model: nn.Module, name: str | None = None) -> dict:
         rows = summary_rows(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = count_params(model)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable_size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return {
         "name": name or getattr(model, "architecture", type(model).__name__),
         "input_shape": [None, *INPUT_SHAPE],
@@ -300,7 +302,20 @@ def summary_dict(model: nn.Module, name: str | None = None) -> dict:
         "total_params": total,
         "trainable_params": trainable,
         "non_trainable_params": total - trainable,
+        "total_bytes": size,
+        "trainable_bytes": trainable_size,
+        "non_trainable_bytes": size - trainable_size,
     }
+
+
+def readable_size(size: int) -> str:
+    """Bytes as Keras 3's summary shows them: ``136.04 KB`` (powers of 1024)."""
+    value = float(size)
+    for unit in ("B", "KB", "MB"):
+        if value < 1024:
+            return f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GB"
 
 
 def summary(model: nn.Module, name: str | None = None) -> str:
@@ -312,7 +327,7 @@ def summary(model: nn.Module, name: str | None = None) -> str:
     if isinstance(model, Ensemble):
         head = [f'Model: "{info["name"]}": {len(model.members)} members, probabilities averaged']
         head += [f"  member_{i}: {row['type']} ({row['params']:,} params)" for i, row in enumerate(info["layers"])]
-        head.append(f"Total params: {info['total_params']:,}")
+        head.append(f"Total params: {info['total_params']:,} ({readable_size(info['total_bytes'])})")
         return "\n".join(head)
 
     def shape(s: list) -> str:
@@ -332,7 +347,33 @@ def summary(model: nn.Module, name: str | None = None) -> str:
     for i, (a, b, c) in enumerate(lines_data):
         out.append(f"{a:<{w1}}{b:<{w2}}{c:>{w3}}")
         out.append("━" * width if i == len(lines_data) - 1 else "─" * width)
-    out.append(f"Total params: {info['total_params']:,}")
-    out.append(f"Trainable params: {info['trainable_params']:,}")
-    out.append(f"Non-trainable params: {info['non_trainable_params']:,}")
+    for kind in ("total", "trainable", "non_trainable"):
+        label = kind.replace("_", "-").capitalize()
+        out.append(f"{label} params: {info[f'{kind}_params']:,} ({readable_size(info[f'{kind}_bytes'])})")
     return "\n".join(out)
+
+
+def describe(name: str) -> tuple[str, dict]:
+    """The summary text and JSON of an architecture, a recipe's network, or a saved bundle's network."""
+    from pathlib import Path
+
+    if Path(name).is_dir():
+        from .classifier import Classifier
+
+        clf = Classifier.load(name)
+        return clf.summary(), summary_dict(clf.network, clf.architecture)
+    from .recipes import RECIPES
+
+    recipe = RECIPES.get(name)
+    if recipe is not None and recipe.members:
+        members = [RECIPES[recipe.member_recipe].architecture] * recipe.members
+        model: nn.Module = build_ensemble(members, seed=0)
+    else:
+        architecture = recipe.architecture if recipe is not None else name
+        if architecture not in REGISTRY and architecture not in _ALIASES:
+            raise DeepDigitsError(f"{name!r} is not an architecture, a recipe or a bundle folder; architectures: "
+                                  f"{', '.join(REGISTRY)}; recipes: {', '.join(RECIPES)}")
+        architecture = resolve_name(architecture)
+        model = build_model(architecture)
+    shown = name if recipe is None else f"{name} ({getattr(model, 'architecture', 'ensemble')})"
+    return summary(model, shown), summary_dict(model, shown)

@@ -1,4 +1,8 @@
-"""Figures with matplotlib: image grids, training curves, confusion matrices; each returns a Figure."""
+"""Figures with matplotlib: image grids, training curves, confusion matrices; each returns a Figure.
+
+Figures are made with ``matplotlib.figure.Figure``, not pyplot: drawing or saving never switches the
+user's matplotlib backend, and matplotlib is imported only when a figure is first drawn.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +10,25 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display needed, works on servers and in CI
-
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.figure import Figure
 
 from .atomic import atomic_write
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
 
 def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write ``figure`` as a PNG atomically (temp file + rename) and close it."""
-    try:
-        return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
-    finally:
-        plt.close(figure)
+    """Write ``figure`` as a PNG atomically (temp file + rename)."""
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
 
 
 def image_grid(
@@ -38,8 +43,8 @@ def image_grid(
     n = len(images)
     columns = columns or max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows + (0.4 if title else 0)),
-                                squeeze=False)
+    figure = _new_figure((1.6 * columns, 1.8 * rows + (0.4 if title else 0)))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -60,15 +65,25 @@ def image_grid(
     return figure
 
 
+def sample_grid(dataset, split: str = "train", count: int = 9, seed: int | None = None) -> Figure:
+    """A labelled grid of ``count`` images of a dataset's split: the first ones, or a seeded random pick."""
+    from .errors import DeepDigitsError
+
+    images, labels = dataset.split(split)
+    if not 1 <= count <= min(400, len(images)):
+        raise DeepDigitsError(f"--count: expected 1-{min(400, len(images))}, got {count}")
+    picked = np.arange(count) if seed is None else np.random.default_rng(seed).choice(len(images), count,
+                                                                                      replace=False)
+    titles = [f"#{i}: {dataset.class_names[labels[i]]}" for i in picked]
+    return image_grid(images[picked], titles, title=f"{dataset.name} {split}: {count} images")
+
+
 def figure_png_bytes(figure: Figure, dpi: int = 100) -> bytes:
-    """The figure as PNG bytes (for bundles and self-contained HTML), and close it."""
+    """The figure as PNG bytes (for bundles and self-contained HTML)."""
     import io
 
     buffer = io.BytesIO()
-    try:
-        figure.savefig(buffer, dpi=dpi, format="png", bbox_inches="tight")
-    finally:
-        plt.close(figure)
+    figure.savefig(buffer, dpi=dpi, format="png", bbox_inches="tight")
     return buffer.getvalue()
 
 
@@ -77,7 +92,8 @@ def training_curves(history: Sequence[dict], title: str = "Training curves") -> 
     if not history:
         raise ValueError("no training history to plot")
     epochs = [e["epoch"] for e in history]
-    figure, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = _new_figure((11, 4))
+    acc_ax, loss_ax = figure.subplots(1, 2)
     for ax, key, label in ((acc_ax, "accuracy", "Accuracy"), (loss_ax, "loss", "Loss")):
         ax.plot(epochs, [e[key] for e in history], "o-", label="training", color="tab:blue")
         if all(f"val_{key}" in e for e in history):
@@ -109,7 +125,8 @@ def confusion_matrix_figure(matrix: Sequence[Sequence[int]], class_names: Sequen
     """Heat-map of the confusion matrix with counts, beside each class's accuracy (recall)."""
     matrix = np.asarray(matrix)
     n = len(class_names)
-    figure, (heat_ax, bar_ax) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    figure = _new_figure((13, 5.5))
+    heat_ax, bar_ax = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     shown = np.log1p(matrix)  # log colour scale: the diagonal would otherwise hide every mistake
     heat_ax.imshow(shown, cmap="Blues")
     threshold = shown.max() / 2
@@ -144,7 +161,8 @@ def most_confident_mistakes(
     wrong = np.flatnonzero(predicted != labels)
     order = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:count]
     if len(order) == 0:
-        figure, ax = plt.subplots(figsize=(5, 1.5))
+        figure = _new_figure((5, 1.5))
+        ax = figure.subplots()
         ax.axis("off")
         ax.text(0.5, 0.5, "No mistakes on these images", ha="center", va="center")
         return figure
@@ -160,7 +178,8 @@ def evidence_maps(maps: np.ndarray, class_names: Sequence[str], title: str) -> F
     """One 28x28 map per class in a diverging colour map: red for evidence for, blue against."""
     columns = 5
     rows = math.ceil(len(maps) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows + 0.6), squeeze=False)
+    figure = _new_figure((2.2 * columns, 2.4 * rows + 0.6))
+    axes = figure.subplots(rows, columns, squeeze=False)
     limit = float(np.abs(maps).max()) or 1.0
     image = None
     for i, ax in enumerate(axes.flat):
@@ -180,7 +199,8 @@ def evidence_maps(maps: np.ndarray, class_names: Sequence[str], title: str) -> F
 
 def saliency_figure(image: np.ndarray, saliency: np.ndarray, label: str, predicted: str, probability: float) -> Figure:
     """The input beside the gradient of the predicted class's score with respect to each pixel."""
-    figure, (img_ax, sal_ax) = plt.subplots(1, 2, figsize=(7, 3.6))
+    figure = _new_figure((7, 3.6))
+    img_ax, sal_ax = figure.subplots(1, 2)
     img_ax.imshow(image, cmap="gray")
     img_ax.set_title(f"Input (label {label})")
     limit = float(np.abs(saliency).max()) or 1.0
@@ -197,7 +217,8 @@ def saliency_figure(image: np.ndarray, saliency: np.ndarray, label: str, predict
 def probability_bars(image: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str],
                      label: str | None = None) -> Figure:
     """One image beside the model's 10 class probabilities."""
-    figure, (img_ax, bar_ax) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    figure = _new_figure((9, 3.6))
+    img_ax, bar_ax = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2]})
     img_ax.imshow(image, cmap="gray")
     img_ax.set_xticks([])
     img_ax.set_yticks([])
@@ -217,7 +238,8 @@ def probability_bars(image: np.ndarray, probabilities: np.ndarray, class_names: 
 
 def crossval_curves(folds: Sequence[dict]) -> Figure:
     """Every fold's training and validation loss and accuracy in one figure (tutorial 004's plot)."""
-    figure, (loss_ax, acc_ax) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    figure = _new_figure((8, 7))
+    loss_ax, acc_ax = figure.subplots(2, 1, sharex=True)
     for i, fold in enumerate(folds):
         history = fold["history"]
         epochs = [e["epoch"] for e in history]
@@ -242,7 +264,8 @@ def crossval_curves(folds: Sequence[dict]) -> Figure:
 def crossval_scores(scores: Sequence[float]) -> Figure:
     """A box plot of the fold accuracies, each fold marked."""
     scores_pct = np.asarray(scores) * 100
-    figure, ax = plt.subplots(figsize=(5, 4.5))
+    figure = _new_figure((5, 4.5))
+    ax = figure.subplots()
     ax.boxplot(scores_pct)
     ax.scatter(np.ones(len(scores_pct)), scores_pct, color="tab:orange", zorder=3, label="folds")
     ax.set_xticks([1], [f"{len(scores_pct)} folds"])
@@ -269,7 +292,7 @@ def make_figure(kind: str, classifier, dataset=None, index: int = 0, count: int 
                 probabilities: np.ndarray | None = None) -> Figure:
     """Draw figure ``kind`` (see ``FIGURE_KINDS``) for a classifier and its test set."""
     from .errors import DeepDigitsError
-    from .evaluate import dense_evidence_maps, saliency_map
+    from .explain import dense_evidence_maps, saliency_map
 
     names = classifier.class_names
     if kind not in FIGURE_KINDS:
@@ -300,3 +323,14 @@ def make_figure(kind: str, classifier, dataset=None, index: int = 0, count: int 
     from sklearn.metrics import confusion_matrix
 
     return confusion_matrix_figure(confusion_matrix(labels, predicted, labels=range(len(names))), names)
+
+
+def bundle_figures(classifier) -> dict[str, bytes]:
+    """The PNGs a trained bundle carries beside its weights: training curves and the test confusion matrix."""
+    figures: dict[str, bytes] = {}
+    if classifier.history:
+        figures["curves.png"] = figure_png_bytes(training_curves(classifier.history, classifier.architecture))
+    if classifier.metrics:
+        matrix = classifier.metrics["confusion_matrix"]
+        figures["confusion.png"] = figure_png_bytes(confusion_matrix_figure(matrix, classifier.class_names))
+    return figures

@@ -271,3 +271,12 @@ def to_mnist(image: str | os.PathLike | bytes | Image.Image | np.ndarray, name: 
     except ImageError as exc:
         label = name or (str(image) if isinstance(image, str | os.PathLike) else "image")
         raise ImageError(f"{label}: {exc}") from None
+
+
+def save_seen(image: str | os.PathLike | bytes | Image.Image | np.ndarray, out: str | os.PathLike,
+              zoom: int = 10) -> Path:
+    """Save what the network sees of ``image`` (its 28x28 MNIST-style digit), ``zoom`` times enlarged, as PNG."""
+    from .atomic import atomic_write
+
+    seen = Image.fromarray(to_mnist(image)).resize((28 * zoom, 28 * zoom), Image.Resampling.NEAREST)
+    return atomic_write(out, lambda tmp: seen.save(tmp, format="PNG"))

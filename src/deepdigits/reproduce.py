@@ -7,12 +7,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .classifier import train_recipe
 from .data import Dataset, load_dataset
 from .errors import DeepDigitsError
-from .train import get_recipe
+from .recipes import get_recipe
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ def reproduce(
         seconds = time.perf_counter() - started
         if save_dir is not None:
             clf.save(Path(save_dir) / recipe.name)
-        accuracy = float(np.mean(clf.predict(full.x_test) == full.y_test)) * 100.0
+        accuracy = clf.score(full.x_test, full.y_test) * 100.0
         claim = CLAIMS[tutorial]
         rows.append({
             "tutorial": tutorial,

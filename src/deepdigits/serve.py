@@ -18,10 +18,11 @@ from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from . import __version__
 from .errors import DeepDigitsError
-from .preprocess import to_mnist
-from .recognize import DEFAULT_MIN_CONFIDENCE, find_digits, predict_mnist_arrays, read_digits, resolve_model
+from .predictor import Predictor, load
+from .recognize import DEFAULT_MIN_CONFIDENCE, answer_prepared, prepare_images, read_digits
+from .segment import find_digits
+from .version import __version__
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # one request body; larger gets 413
 MAX_BATCH = 64  # images in one /api/predict/batch request
@@ -149,8 +150,9 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
 
     ``runtime="onnx"`` answers with ONNX Runtime (the model is exported in memory at start).
     """
-    clf = resolve_model(model, runtime)
-    model_name = getattr(clf, "architecture", "model")
+    predictor = _predictor(model, runtime)
+    card = predictor.card()
+    model_name = card.name
     lock = threading.Lock()  # one inference at a time: the CPU's cores go to each request's batch
     app = FastAPIOffline(
         title="deepdigits",
@@ -171,20 +173,18 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
         return JSONResponse({"detail": str(exc.errors()[0].get("msg", exc))}, status_code=422)
 
     def recognise(items: list[tuple[str, bytes | np.ndarray]], min_confidence: float) -> list[dict]:
-        seen = []
-        for name, item in items:
-            try:
-                seen.append(item if isinstance(item, np.ndarray) else to_mnist(item, name))
-            except DeepDigitsError as exc:
-                raise ApiError(422, str(exc)) from None
+        ready: list[tuple[str, np.ndarray]] = []
+        for name, item in items:  # pixel arrays are MNIST-style already; images are made so (outside the lock)
+            if isinstance(item, np.ndarray):
+                ready.append((name, item))
+                continue
+            prepared, failures = prepare_images([(name, item)])
+            if failures:
+                raise ApiError(422, failures[0].message)
+            ready.extend(prepared)
         with lock:
-            predictions = predict_mnist_arrays(np.stack(seen), clf, 3, min_confidence)
-        return [
-            {"digit": p.digit, "confidence": p.confidence, "probabilities": p.probabilities,
-             "top": [{"digit": d, "probability": q} for d, q in p.top], "unsure": p.unsure, "model": model_name,
-             "seen": _png_data_url(image)}
-            for p, image in zip(predictions, seen, strict=True)
-        ]
+            results = answer_prepared(ready, predictor, 3, min_confidence)
+        return [{**r.prediction.to_dict(), "model": model_name, "seen": _png_data_url(r.seen)} for r in results]
 
     def confidence_param(request: Request) -> float:
         raw = request.query_params.get("min_confidence", str(DEFAULT_MIN_CONFIDENCE))
@@ -236,24 +236,14 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
             except DeepDigitsError as exc:
                 raise ApiError(422, str(exc)) from None
             with lock:
-                reading = read_digits(found, clf, min_confidence)
+                reading = read_digits(found, predictor, min_confidence)
             return {**reading.to_dict(), "width": reading.size[0], "height": reading.size[1], "model": model_name}
 
         return await run_in_threadpool(work)
 
     @app.get("/api/model", summary="The model being served")
     def model_info():
-        metrics = getattr(clf, "metrics", None) or {}
-        return {
-            "name": model_name,
-            "architecture": model_name,
-            "dataset": (getattr(clf, "dataset", None) or {}).get("name"),
-            "class_names": list(clf.class_names),
-            "parameters": getattr(clf, "n_params", None),
-            "test_metrics": {k: metrics[k] for k in ("accuracy", "loss", "n") if k in metrics},
-            "recipe": (getattr(clf, "recipe", None) or {}).get("name"),
-            "limits": {"max_upload_bytes": max_upload_bytes, "max_batch": max_batch},
-        }
+        return {**card.to_dict(), "limits": {"max_upload_bytes": max_upload_bytes, "max_batch": max_batch}}
 
     @app.get("/healthz", summary="Liveness check")
     def healthz():
@@ -272,6 +262,17 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
         return Response(status_code=204)
 
     return app
+
+
+def _predictor(model, runtime: str) -> Predictor:
+    """The model to serve: a loaded predictor as given (exported in memory for ONNX Runtime), else ``load``."""
+    if not isinstance(model, Predictor):
+        return load(model, runtime)
+    from .export import OnnxClassifier
+
+    if runtime == "onnx" and not isinstance(model, OnnxClassifier):
+        return OnnxClassifier.from_classifier(model)
+    return model
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, runtime: str = "torch") -> None:

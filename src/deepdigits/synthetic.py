@@ -1,4 +1,4 @@
-"""Realistic test inputs made from MNIST test digits: dark ink on light paper, as a phone photo or scan."""
+"""Synthetic photographed handwriting made from MNIST digits, for tests and benchmarks: ink on paper, as a photo."""
 
 from __future__ import annotations
 

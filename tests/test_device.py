@@ -1,0 +1,37 @@
+"""Device and precision: bfloat16 only where native, the settings line says which."""
+
+import torch
+
+import deepdigits.device as device
+from deepdigits import Classifier
+
+
+def test_bf16_is_used_only_where_the_device_computes_it_natively(mnist, monkeypatch):
+    def run(native: bool) -> tuple[Classifier, object]:
+        monkeypatch.setattr(device, "native_bf16", lambda _: native)
+        clf = Classifier("strided-cnn", seed=0)
+        history = clf.fit(mnist.x_train[:768], mnist.y_train[:768], epochs=1, batch_size=192, optimizer="adamw",
+                          learning_rate=0.01, bf16=True, verbose=0)
+        return clf, history
+
+    emulated, history = run(native=False)
+    assert history.precision == "float32" and emulated.precision == "float32"
+    plain = Classifier("strided-cnn", seed=0)
+    plain.fit(mnist.x_train[:768], mnist.y_train[:768], epochs=1, batch_size=192, optimizer="adamw",
+              learning_rate=0.01, verbose=0)
+    for a, b in zip(emulated.network.parameters(), plain.network.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # exactly the float32 run
+
+    native, history = run(native=True)
+    assert history.precision == "bfloat16" and native.precision == "bfloat16"
+    assert any(not torch.equal(a, b) for a, b in zip(native.network.parameters(), plain.network.parameters(),
+                                                         strict=True))
+
+
+def test_settings_line_says_which_precision_training_uses(monkeypatch):
+    cpu = torch.device("cpu")
+    assert device.precision_text(False, cpu) == "float32"
+    monkeypatch.setattr(device, "native_bf16", lambda _: True)
+    assert device.precision_text(True, cpu) == "bfloat16 autocast"
+    monkeypatch.setattr(device, "native_bf16", lambda _: False)
+    assert device.precision_text(True, cpu).startswith("float32 (this processor has no native bfloat16")
