@@ -22,7 +22,6 @@ from .evaluate import metrics_from_probabilities
 from .models import build_ensemble, build_model, count_params, resolve_name, summary, summary_dict
 from .predictor import ModelCard
 from .preprocess import DEFAULT_SCALE, to_tensor
-from .progress import epochs_text
 from .recipes import Recipe, get_recipe
 from .version import __version__
 
@@ -69,6 +68,7 @@ class Classifier:
         self.precision: str | None = None  # what training ran in: "float32" or "bfloat16"
         self.metrics: dict | None = None
         self.extra: dict = {}
+        self.provenance: dict = {}  # when, by which command and with which versions a loaded bundle was made
 
     @classmethod
     def from_recipe(cls, recipe: str | Recipe, *, class_names: Sequence[str] | None = None,
@@ -147,8 +147,12 @@ class Classifier:
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict:
         """Loss (the one the recipe trained with), accuracy, per-class precision/recall/F1 and the confusion matrix."""
+        return self.metrics_of(self.predict_proba(x), y)
+
+    def metrics_of(self, probabilities: np.ndarray, y: np.ndarray) -> dict:
+        """``evaluate`` on probabilities already predicted (the report reuses one pass for several figures)."""
         recipe = self.recipe or {}
-        return metrics_from_probabilities(self.predict_proba(x), np.asarray(y), self.class_names,
+        return metrics_from_probabilities(probabilities, np.asarray(y), self.class_names,
                                           loss=recipe.get("loss") or "cross-entropy",
                                           label_smoothing=float(recipe.get("label_smoothing") or 0.0))
 
@@ -240,6 +244,7 @@ class Classifier:
         clf.train_seconds = float(meta.get("train_seconds") or 0.0)
         clf.precision = meta.get("precision")
         clf.metrics = meta.get("metrics")
+        clf.provenance = {k: meta.get(k) for k in ("created", "command", "versions")}
         return clf
 
     def _tensor(self, images) -> torch.Tensor:
@@ -252,11 +257,6 @@ def _labels(y) -> torch.Tensor:
 
 def _from_cli() -> bool:
     return Path(sys.argv[0]).name in ("deepdigits", "__main__.py")
-
-
-def load(path: str | os.PathLike) -> Classifier:
-    """Load a saved model bundle: ``deepdigits.load("runs/cnn").predict(images)``."""
-    return Classifier.load(path)
 
 
 def train_recipe(
@@ -307,18 +307,9 @@ def train_recipe(
 
 
 def settings_text(chosen: Recipe, base: Recipe | None = None) -> str:
-    """The settings a run uses, each changed from ``base`` (the named recipe) marked with the recipe's value."""
-    def value(field: str, text: str) -> str:
-        if base is not None and getattr(base, field) != getattr(chosen, field):
-            return f"{text} (recipe: {getattr(base, field):g})"
-        return text
-
-    return ", ".join([
-        value("epochs", epochs_text(chosen.epochs)), value("batch_size", f"batch size {chosen.batch_size}"),
-        value("learning_rate", f"{chosen.optimizer} learning rate {chosen.learning_rate:g}"),
-        value("seed", f"seed {chosen.seed}"), f"device {default_device()}",
-        precision_text(chosen.bf16, default_device()),
-    ])
+    """The Settings line of a run: the recipe's settings (overrides marked), this device and precision."""
+    return (f"{chosen.settings_text(base)}, device {default_device()}, "
+            f"{precision_text(chosen.bf16, default_device())}")
 
 
 def combine(classifiers: Sequence[Classifier]) -> Classifier:

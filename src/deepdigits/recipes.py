@@ -43,6 +43,38 @@ class Recipe:
                  "augment", "label_smoothing", "ema_decay", "bf16", "channels_last")
         return {name: getattr(self, name) for name in names}
 
+    def settings_text(self, base: Recipe | None = None) -> str:
+        """Epochs, batch, optimizer and rate, seed and the options beyond the tutorials, in words; each setting
+        that differs from ``base`` (the named recipe a run started from) shows the recipe's value too."""
+        def value(name: str, text: str) -> str:
+            if base is not None and getattr(base, name) != getattr(self, name):
+                return f"{text} (recipe: {getattr(base, name):g})"
+            return text
+
+        parts = [
+            value("epochs", f"{self.epochs} epoch" + ("s" if self.epochs != 1 else "")),
+            value("batch_size", f"batch size {self.batch_size}"),
+            value("learning_rate", f"{self.optimizer} learning rate {self.learning_rate:g}"),
+            value("seed", f"seed {self.seed}"),
+        ]
+        if self.validation_split:
+            parts.append(f"last {self.validation_split:.0%} held out for validation")
+        if self.weight_decay:
+            parts.append(f"weight decay {self.weight_decay:g}")
+        if self.schedule != "constant":
+            parts.append(f"{self.schedule} schedule")
+        if self.augment:
+            parts.append("random affine augmentation")
+        if self.label_smoothing:
+            parts.append(f"label smoothing {self.label_smoothing:g}")
+        if self.ema_decay:
+            parts.append(f"weight averaging {self.ema_decay:g}")
+        if self.loss != "cross-entropy":
+            parts.append(f"loss {self.loss}")
+        if self.input_scale != 1 / 255:
+            parts.append(f"pixels scaled by {self.input_scale:g}")
+        return ", ".join(parts)
+
     def with_overrides(self, **overrides) -> Recipe:
         """A copy with the given fields changed; ``None`` values are ignored."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})

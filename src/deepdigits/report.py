@@ -12,7 +12,6 @@ import numpy as np
 from . import plots
 from .atomic import atomic_write_text
 from .errors import DeepDigitsError
-from .evaluate import metrics_from_probabilities
 
 _CSS = """
 :root { color-scheme: light; --ink: #1d2430; --muted: #5b6676; --line: #e3e7ee; --accent: #2563eb; }
@@ -33,7 +32,16 @@ table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nu
 th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid var(--line); }
 th { color: var(--muted); font-weight: 600; }
 td.num, th.num { text-align: right; }
-pre { background: #0f172a; color: #e2e8f0; padding: 14px; border-radius: 8px; overflow-x: auto; font-size: 12.5px; }
+pre { background: #0f172a; color: #e2e8f0; padding: 14px; border-radius: 8px; overflow-x: auto; font-size: 12.5px;
+      max-width: 100%; }
+td { overflow-wrap: anywhere; }
+.scroll { overflow-x: auto; max-width: 100%; }
+@media (max-width: 600px) {
+  main, header .wrap { padding: 0 12px; }
+  section { padding: 14px 12px; }
+  th, td { padding: 4px 6px; }
+  .card { min-width: 0; flex: 1 1 40%; }
+}
 img { max-width: 100%; height: auto; display: block; margin: 8px auto; }
 .note { color: var(--muted); font-size: 13.5px; }
 nav a { color: #93c5fd; margin-right: 14px; text-decoration: none; font-size: 14px; }
@@ -45,20 +53,48 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _training_rows(classifier) -> list[tuple[str, str]]:
+    """The recipe as a person reads it (settings said once, with what changed), and where the model came from."""
+    from .recipes import RECIPES, Recipe
+
+    recipe = dict(classifier.recipe or {})
+    rows: list[tuple[str, str]] = []
+    if recipe.get("name") in RECIPES and not recipe.get("members"):
+        base = RECIPES[recipe["name"]]
+        chosen = base.with_overrides(**{k: v for k, v in recipe.items() if k in Recipe.__dataclass_fields__})
+        rows.append(("Recipe", f"{chosen.name} — {chosen.description}"))
+        rows.append(("Settings", chosen.settings_text(base)))
+    elif recipe.get("members"):
+        members = recipe["members"]
+        names = sorted({str((m or {}).get("name", "?")) for m in members})
+        rows.append(("Recipe", f"ensemble of {len(members)} networks ({', '.join(names)}), probabilities averaged"))
+    if classifier.precision:
+        rows.append(("Trained in", classifier.precision))
+    if classifier.history:
+        rows.append(("Training time", f"{classifier.train_seconds:.1f} s, {len(classifier.history)} epochs"))
+    provenance = getattr(classifier, "provenance", {}) or {}
+    if provenance.get("created"):
+        rows.append(("Created", str(provenance["created"])))
+    if provenance.get("command"):
+        rows.append(("Command", str(provenance["command"])))
+    versions = provenance.get("versions") or {}
+    if versions:
+        rows.append(("Versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
+    return rows
+
+
 def build_report(classifier, dataset, bundle_path: str | os.PathLike | None = None) -> str:
     """The report as an HTML string (all images embedded: it opens without a network)."""
-    names = classifier.class_names
     probabilities = classifier.predict_proba(dataset.x_test)
-    metrics = metrics_from_probabilities(probabilities, dataset.y_test, names)
+    metrics = classifier.metrics_of(probabilities, dataset.y_test)
     title = f"{classifier.architecture} on {dataset.name}"
-    recipe = classifier.recipe or {}
     sections: list[tuple[str, str, str]] = []
 
     sections.append(("summary", "Model", f"<pre>{html.escape(classifier.summary())}</pre>"))
-    if recipe:
-        rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                       for k, v in recipe.items())
-        sections.append(("recipe", "Recipe", f"<table>{rows}</table>"))
+    rows = _training_rows(classifier)
+    if rows:
+        table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+        sections.append(("recipe", "How it was trained", f"<table>{table}</table>"))
     if classifier.history:
         last = classifier.history[-1]
         note = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k not in ("epoch", "seconds"))
@@ -74,8 +110,8 @@ def build_report(classifier, dataset, bundle_path: str | os.PathLike | None = No
     sections.append((
         "metrics", "Test metrics",
         f"<p>Accuracy <b>{metrics['accuracy'] * 100:.2f}%</b> and loss <b>{metrics['loss']:.4f}</b> on "
-        f"{metrics['n']:,} test images.</p><table><tr><th>class</th><th class='num'>precision</th>"
-        f"<th class='num'>recall</th><th class='num'>F1</th><th class='num'>support</th></tr>{per_class}</table>",
+        f"{metrics['n']:,} test images.</p><div class='scroll'><table><tr><th>class</th><th class='num'>precision</th>"
+        f"<th class='num'>recall</th><th class='num'>F1</th><th class='num'>support</th></tr>{per_class}</table></div>",
     ))
     confusion = plots.figure_png_bytes(plots.make_figure("confusion", classifier, dataset,
                                                          probabilities=probabilities))
