@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from conftest import json_lines
-from deepdigits.cli import main
+from deepdigits.cli import main, parse_index_range
+from deepdigits.errors import DeepDigitsError
 
 
 def run(capsys, *args):
@@ -110,3 +111,14 @@ def test_console_script_entry_point(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "deepdigits", "--help"], capture_output=True, text=True,
                                timeout=120).stdout
     assert "deepdigits reproduce" in help_text and "DEEPDIGITS_DATA" in help_text
+
+
+def test_parse_index_range():
+    assert parse_index_range("0-3", 10) == [0, 1, 2, 3]
+    assert parse_index_range("1,5,7-8", 10) == [1, 5, 7, 8]
+    with pytest.raises(DeepDigitsError, match="indices must lie in 0-9"):
+        parse_index_range("5-12", 10)
+    with pytest.raises(DeepDigitsError, match="expected numbers like 0-19"):
+        parse_index_range("a-b", 10)
+    with pytest.raises(DeepDigitsError, match="indices must lie in 0-9"):  # refused before any list is built
+        parse_index_range("0-99999999999", 10)

@@ -22,7 +22,6 @@ from deepdigits.data import (
     load_dataset,
     locate,
     parse_idx,
-    parse_index_range,
     read_idx,
     read_idx_bytes,
     read_idx_header,
@@ -222,15 +221,6 @@ def test_stratified_split_is_seeded_and_balanced():
     np.testing.assert_array_equal(a[2], b[2])
     assert np.bincount(a[3]).tolist() == [20] * 10
     assert len(a[0]) == 800 and not set(a[0]) & set(a[2])
-
-
-def test_parse_index_range():
-    assert parse_index_range("0-3", 10) == [0, 1, 2, 3]
-    assert parse_index_range("1,5,7-8", 10) == [1, 5, 7, 8]
-    with pytest.raises(DataError, match="indices must lie in 0-9"):
-        parse_index_range("5-12", 10)
-    with pytest.raises(DataError, match="expected numbers like 0-19"):
-        parse_index_range("a-b", 10)
 
 
 def test_downloaded_part_files_are_cleaned(tmp_path):

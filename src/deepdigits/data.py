@@ -569,22 +569,3 @@ def shuffled_split(
         x, y, test_size=fraction, random_state=seed, shuffle=True, stratify=y if stratify else None
     )
     return x_tr, y_tr, x_val, y_val
-
-
-def parse_index_range(text: str, limit: int) -> list[int]:
-    """Parse ``"0-19"``, ``"3"`` or ``"1,5,9-12"`` into indices checked against ``limit``."""
-    indices: list[int] = []
-    try:
-        for piece in text.split(","):
-            piece = piece.strip()
-            if "-" in piece:
-                lo, hi = (int(p) for p in piece.split("-", 1))
-                indices.extend(range(lo, hi + 1))
-            else:
-                indices.append(int(piece))
-    except ValueError:
-        raise DataError(f"index range {text!r}: expected numbers like 0-19 or 1,5,9-12") from None
-    bad = [i for i in indices if not 0 <= i < limit]
-    if not indices or bad:
-        raise DataError(f"index range {text!r}: indices must lie in 0-{limit - 1}")
-    return indices
