@@ -36,6 +36,10 @@ def test_report_is_self_contained(report_file):
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', text)
     assert len(images) >= 6
     assert not re.search(r'(src|href)="(https?:)?//', text)  # nothing fetched from the network
+    # the recipe in words, said once and correctly, not raw fields
+    assert "1 epoch (recipe: 5)" in text and "rmsprop learning rate 0.001" in text
+    assert "input_scale" not in text and "member_recipe" not in text and "bf16" not in text
+    assert text.count("Tutorial 004: 512 dense net, RMSprop") == 1
 
 
 
@@ -55,13 +59,16 @@ def test_report_renders_in_headless_chromium(report_file):
         page.on("request", lambda r: requests.append(r.url))
         page.goto(report_file.as_uri())
         headings = page.locator("section h2").all_inner_texts()
-        assert headings == ["Model", "Recipe", "Training curves", "Test metrics", "Confusion matrix",
+        assert headings == ["Model", "How it was trained", "Training curves", "Test metrics", "Confusion matrix",
                             "Most confident mistakes", "Evidence maps"]
         widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
         assert len(widths) >= 6 and all(w > 100 for w in widths)
         # reads well on a laptop: nothing wider than the window
         assert page.evaluate("document.documentElement.scrollWidth") <= 1366
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=False)
+        page.set_viewport_size({"width": 390, "height": 844})  # a phone: still no horizontal scrolling
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(ARTIFACTS / "report-390.png"), full_page=False)
         browser.close()
     assert all(url.startswith(("file:", "data:")) for url in requests)
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
