@@ -7,6 +7,7 @@ from PIL import Image
 
 from conftest import json_lines
 from deepdigits.cli import main
+from deepdigits.errors import DeepDigitsError
 from deepdigits.predictor import BUILTIN_MODEL, builtin_model
 from deepdigits.preprocess import to_mnist
 from deepdigits.recognize import predict_digit, read_number
@@ -161,3 +162,21 @@ def test_predict_from_bytes_and_pil(mnist):
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     assert predict_digit(buffer.getvalue()).digit == 7 and predict_digit(image).digit == 7
+
+
+def test_overflowing_weights_are_an_error_never_nan(mnist, tmp_path, capsys):
+    import torch
+
+    from deepdigits import Classifier
+    from deepdigits.recognize import predict_arrays
+
+    clf = Classifier("tutorial-002", seed=0)
+    with torch.no_grad():
+        for p in clf.network.parameters():
+            p.fill_(3e38)  # finite, so the bundle loads; the logits overflow to inf and softmax to NaN
+    with pytest.raises(DeepDigitsError, match="non-finite probabilities"):
+        predict_arrays(mnist.x_test[:2], clf)
+    clf.save(tmp_path / "huge")
+    Image.fromarray(255 - mnist.x_test[0]).save(tmp_path / "seven.png")
+    code, out, err = run(capsys, "predict", tmp_path / "seven.png", "--model", tmp_path / "huge", "--json")
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "non-finite" in err

@@ -101,6 +101,9 @@ def predict_arrays(arrays: np.ndarray, predictor: Predictor | None = None, top: 
     """Recognise images that are already MNIST-style 28x28 (uint8 0-255, or floats in [0, 1])."""
     model = _predictor(predictor)
     probabilities = model.predict_proba(np.asarray(arrays))
+    if not np.isfinite(probabilities).all():  # weights that overflow: refuse rather than answer NaN
+        raise DeepDigitsError(f"{model.card().name}: the model answered non-finite probabilities; "
+                              "its weights are unusable")
     out = []
     for row in probabilities:
         order = np.argsort(-row)[: max(1, top)]
