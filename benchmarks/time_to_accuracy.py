@@ -60,7 +60,7 @@ def run_ours(ds, seed: int) -> dict:
         curve.append((stop - started - paused, accuracy))
         paused += time.perf_counter() - stop
 
-    clf = Classifier(recipe.architecture, seed=seed)  # model build inside the clock
+    clf = Classifier.from_recipe(recipe, seed=seed)  # model build inside the clock
     clf.fit(ds.x_train, ds.y_train, verbose=0, on_epoch_end=on_epoch_end, **{**recipe.fit_options(), "seed": seed})
     total = time.perf_counter() - started - paused
     final = clf.score(ds.x_test, ds.y_test)  # after fit's final batch-norm/weights step

@@ -61,3 +61,45 @@ def test_every_command_accepts_an_ensemble(members, mnist, data_root, tmp_path, 
 def test_ensemble_needs_two_members(members):
     with pytest.raises(DeepDigitsError, match="at least 2 members"):
         combine(members[:1])
+
+
+def test_score_is_accuracy_and_from_recipe_builds_what_the_recipe_says(mnist):
+    clf = Classifier.from_recipe("tutorial-000")
+    assert clf.architecture == "tutorial-000" and clf.input_scale == 1.0 and clf.recipe["name"] == "tutorial-000"
+    same = Classifier.from_recipe("tutorial-000")
+    assert all((a == b).all() for a, b in zip(clf.network.parameters(), same.network.parameters(), strict=True))
+    clf = Classifier.from_recipe("tutorial-004")
+    clf.fit(mnist.x_train[:1000], mnist.y_train[:1000], epochs=1, batch_size=100, optimizer="rmsprop", verbose=0)
+    x, y = mnist.x_test[:300], mnist.y_test[:300]
+    assert clf.score(x, y) == pytest.approx(float((clf.predict(x) == y).mean()))
+    assert clf.score(x, y) == pytest.approx(clf.evaluate(x, y)["accuracy"])
+    with pytest.raises(DeepDigitsError, match="is an ensemble"):
+        Classifier.from_recipe("ensemble")
+
+
+def test_validation_and_test_loss_are_the_loss_the_recipe_trains_with(mnist):
+    # tutorial 000 trains with Keras 2's clipped loss on raw pixels: val_loss and evaluate's loss must be that loss
+    # (before, val_loss was unclipped cross-entropy: 62.27 against a test loss of 6.45)
+    clf = Classifier.from_recipe("tutorial-000")
+    history = clf.fit(mnist.x_train[:2000], mnist.y_train[:2000], epochs=2, batch_size=500, optimizer="sgd",
+                      learning_rate=0.01, validation_data=(mnist.x_test[:1000], mnist.y_test[:1000]),
+                      loss="keras2-clipped-cross-entropy", verbose=0)
+    evaluated = clf.evaluate(mnist.x_test[:1000], mnist.y_test[:1000])["loss"]
+    assert history.epochs[-1]["val_loss"] == pytest.approx(evaluated, rel=1e-4)
+    assert evaluated <= -np.log(1e-7) + 1e-6  # clipped: no sample costs more than -log(1e-7)
+
+
+def test_saving_and_plotting_never_change_the_matplotlib_backend(mnist, tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib\nmatplotlib.use('svg')\n"
+        "from deepdigits import Classifier\nfrom deepdigits.plots import bundle_figures, training_curves\n"
+        "clf = Classifier('tutorial-002', seed=0)\nclf.history = [{'epoch': 1, 'loss': 1.0, 'accuracy': 0.5}]\n"
+        f"clf.save({str(tmp_path / 'b')!r}, extra_files=bundle_figures(clf))\ntraining_curves(clf.history)\n"
+        "print(matplotlib.get_backend())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "svg", result.stderr
+    assert (tmp_path / "b" / "curves.png").stat().st_size > 5_000

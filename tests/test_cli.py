@@ -122,3 +122,46 @@ def test_parse_index_range():
         parse_index_range("a-b", 10)
     with pytest.raises(DeepDigitsError, match="indices must lie in 0-9"):  # refused before any list is built
         parse_index_range("0-99999999999", 10)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["predict", "--help"], ["plot", "--help"],
+                                  ["serve", "--help"], ["models", "summary", "--help"]])
+def test_help_imports_neither_torch_nor_matplotlib(argv):
+    code = ("import sys\nfrom deepdigits.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'matplotlib', 'sklearn', 'scipy', 'PIL') if m in sys.modules)\n"
+            "print('HEAVY', heavy, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert "usage: deepdigits" in result.stdout
+    assert "HEAVY []" in result.stderr
+
+
+def test_models_summary_takes_a_recipe_or_a_bundle_and_shows_bytes(capsys, bundle):
+    code, out, _ = run(capsys, "models", "summary", "best")
+    assert code == 0 and 'Model: "best (best-cnn)"' in out and "Total params: 150,698 (" in out
+    code, out, _ = run(capsys, "models", "summary", bundle, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["total_params"] == 407_050 and info["total_bytes"] == 4 * 407_050
+    code, out, _ = run(capsys, "models", "summary", "ensemble")
+    assert code == 0 and "3 members" in out
+    code, _, err = run(capsys, "models", "summary", "no-such-thing")
+    assert code == 1 and "not an architecture, a recipe or a bundle folder" in err and len(err.splitlines()) == 1
+
+
+def test_plot_writes_kind_png_by_default(capsys, bundle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "plot", "curves", bundle)
+    assert code == 0 and out.strip() == "wrote curves.png" and (tmp_path / "curves.png").stat().st_size > 5_000
+
+
+def test_train_says_each_setting_once_and_correctly(capsys, data_root, tmp_path):
+    code, _, err = run(capsys, "train", "--recipe", "tutorial-004", "--epochs", "1", "--data-dir", data_root,
+                       "--out", tmp_path / "b")
+    assert code == 0
+    recipe_line = next(line for line in err.splitlines() if line.startswith("Recipe:"))
+    settings_line = next(line for line in err.splitlines() if line.startswith("Settings:"))
+    assert "epoch" not in recipe_line and "Settings: 1 epoch (recipe: 5), batch size 128" in settings_line
+    # Keras-style progress: the epoch header, then steps, time per step and metrics named as Keras names them
+    assert "Epoch 1/1" in err
+    assert any(line.startswith("469/469 ━") and "ms/step - accuracy: " in line and " - loss: " in line
+               for line in err.splitlines())
+    assert "0/469" not in err and "0.0000" not in err  # nothing shown before the first step
