@@ -1,14 +1,20 @@
 """Finding the digits of a number: touching digits split, broken strokes merged, no model needed."""
 
 import io
+import itertools
+import re
+import time
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from deepdigits.cli import main
 from deepdigits.errors import DeepDigitsError
+from deepdigits.preprocess import ImageError
 from deepdigits.recognize import read_digits, read_number
-from deepdigits.segment import find_digits, segment_digits
+from deepdigits.segment import MAX_DIGITS, Deadline, _merge_broken, find_digits, segment_digits
 from deepdigits.synthetic import render_number
 
 
@@ -41,3 +47,122 @@ def test_broken_stroke_is_merged(mnist):
     digit[52:56, :] = 0  # cut the 5's flag off horizontally
     pieces = segment_digits(np.pad(digit, 30).astype(np.float32) / 255)
     assert len(pieces) == 1
+
+
+# --------------------------------------------------------------------------- bounded for hostile input
+
+
+def dot_grid(path, per_side: int, dot: int = 4, size: int = 640):
+    """A white square with a per_side x per_side grid of black dots: a 1.8 KB PNG for 6,400 dots."""
+    canvas = np.full((size, size), 255, np.uint8)
+    step = size // per_side
+    for y in range(0, step * per_side, step):
+        for x in range(0, step * per_side, step):
+            canvas[y : y + dot, x : x + dot] = 0
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def warm_model():
+    from deepdigits.predictor import builtin_model
+
+    return builtin_model()  # loaded once, untimed: the time limits below are for reading the image
+
+
+@pytest.mark.parametrize("per_side", [80, 40, 20])  # 6,400, 1,600 and 400 dots: 150+ s, 26 s, 5.3 s before
+def test_dot_grids_are_refused_in_time(tmp_path, per_side):
+    path = dot_grid(tmp_path / f"dots{per_side}.png", per_side)
+    start = time.perf_counter()
+    with pytest.raises(ImageError, match=rf"^{re.escape(str(path))}: {per_side**2} separate marks found; expected a "
+                                         rf"handwritten number of at most {MAX_DIGITS} digits$"):
+        find_digits(path)
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("per_side", [80, 40, 20])
+def test_predict_number_on_dot_grids_is_one_line_in_time(tmp_path, capsys, warm_model, per_side):
+    path = dot_grid(tmp_path / f"dots{per_side}.png", per_side)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["predict", "--number", str(path)])
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert code == 1 and not caught
+    assert err.splitlines() == [f"deepdigits: error: {path}: {per_side**2} separate marks found; expected a "
+                                f"handwritten number of at most {MAX_DIGITS} digits"]
+
+
+def test_many_marks_under_the_cap_are_answered_quickly(tmp_path):
+    path = dot_grid(tmp_path / "dots196.png", 14, dot=8)  # 196 marks: merged into 14 columns of dots
+    start = time.perf_counter()
+    found = find_digits(path)
+    assert time.perf_counter() - start < 5  # 0.57 s measured on 2 shared cores
+    assert len(found.boxes) == 14
+
+
+def test_too_many_digits_are_refused(tmp_path):
+    canvas = np.full((100, 40 * 16), 255, np.uint8)
+    for left in range(4, 40 * 16, 16):
+        canvas[20:80, left : left + 4] = 0  # 40 separate upright bars, each a "1"
+    path = tmp_path / "bars.png"
+    Image.fromarray(canvas).save(path)
+    expected = rf"^{re.escape(str(path))}: 40 digits found; expected a handwritten number of at most {MAX_DIGITS} "
+    expected += "digits$"
+    with pytest.raises(ImageError, match=expected):
+        find_digits(path)
+
+
+def test_time_limit_is_a_one_line_error(mnist):
+    image = render_number([mnist.x_test[i] for i in (0, 1, 2)], np.random.default_rng(3))
+    with pytest.raises(ImageError, match=r"^number.png: finding the digits took longer than 0 s of CPU time"):
+        find_digits(image, name="number.png", time_limit=0)
+
+
+def _merge_by_rescanning(boxes: list[list[int]]) -> tuple[list[list[int]], list[set[int]]]:
+    """The merge segment_digits used before: rescan every pair after each merge (O(n^3))."""
+    boxes = [list(b) for b in boxes]
+    groups = [{i} for i in range(len(boxes))]
+    merged = True
+    while merged:
+        merged = False
+        for a, b in itertools.combinations(range(len(boxes)), 2):
+            overlap = min(boxes[a][2], boxes[b][2]) - max(boxes[a][0], boxes[b][0])
+            if overlap > 0.5 * min(boxes[a][2] - boxes[a][0], boxes[b][2] - boxes[b][0]):
+                boxes[a] = [min(boxes[a][0], boxes[b][0]), min(boxes[a][1], boxes[b][1]),
+                            max(boxes[a][2], boxes[b][2]), max(boxes[a][3], boxes[b][3])]
+                groups[a] |= groups.pop(b)
+                boxes.pop(b)
+                merged = True
+                break
+    return boxes, groups
+
+
+def test_merging_is_the_same_as_rescanning_after_each_merge():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(1, 40))
+        x0, y0 = rng.integers(0, 200, n), rng.integers(0, 50, n)
+        boxes = np.stack([x0, y0, x0 + rng.integers(1, 40, n), y0 + rng.integers(1, 40, n)], axis=1)
+        expected_boxes, expected_groups = _merge_by_rescanning(boxes.tolist())
+        groups = _merge_broken(boxes, Deadline(10))
+        assert [set(g) for g in groups] == expected_groups
+        assert boxes[[g[0] for g in groups]].tolist() == expected_boxes
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10000, 10), (10, 10000), (1, 300), (300, 1), (200, 200)])
+def test_degenerate_images_give_one_clean_line(tmp_path, capsys, warm_model, size):
+    path = tmp_path / f"flat{size[0]}x{size[1]}.png"
+    Image.new("L", size, 0).save(path)  # all one colour
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageError, match=rf"^{re.escape(str(path))}: no ink found"):
+            find_digits(path)
+        codes = [main(["predict", "--number", str(path)]), main(["predict", str(path)])]
+    assert not caught, [str(w.message) for w in caught]
+    assert codes == [1, 1]
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"deepdigits: error: {path}: ") for line in lines)
+    assert "site-packages" not in err and "Warning" not in err

@@ -177,11 +177,14 @@ def draw_boxes(image: ImageSource, reading: NumberReading, name: str | None = No
     canvas = Image.fromarray((grey * 255).astype(np.uint8)).convert("RGB")
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(max(canvas.size) / 300))
+    # a JPEG too large to decode whole is read reduced (preprocess.MAX_DECODE_BYTES); boxes are in full pixels
+    shrink = canvas.size[0] / reading.size[0] if reading.size[0] else 1.0
     for d in reading.digits:
         if d.box is None:
             continue
+        box = [round(v * shrink) for v in d.box]
         colour = (220, 38, 38) if d.unsure else (37, 99, 235)
-        draw.rectangle(d.box, outline=colour, width=width)
-        draw.text((d.box[0] + width, max(0, d.box[1] - 12 - width)), f"{d.class_name} {d.confidence:.0%}",
+        draw.rectangle(box, outline=colour, width=width)
+        draw.text((box[0] + width, max(0, box[1] - 12 - width)), f"{d.class_name} {d.confidence:.0%}",
                   fill=colour)
     return canvas
