@@ -103,3 +103,37 @@ def test_saving_and_plotting_never_change_the_matplotlib_backend(mnist, tmp_path
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "svg", result.stderr
     assert (tmp_path / "b" / "curves.png").stat().st_size > 5_000
+
+
+def test_bundle_round_trip_keeps_the_temperature(mnist, tmp_path):
+    from deepdigits.calibrate import softmax
+    from deepdigits.errors import BundleError
+
+    clf = Classifier("tutorial-004", seed=0)
+    clf.fit(mnist.x_train[:500], mnist.y_train[:500], epochs=1, batch_size=100, verbose=0)
+    record = clf.calibrate(mnist.x_train[500:1000], mnist.y_train[500:1000],
+                           fit_on={"dataset": "mnist", "split": "train", "start": 500, "stop": 1000})
+    assert record["temperature"] == clf.temperature != 1.0 and record["fit_on"]["n"] == 500
+    images = mnist.x_test[:50]
+    np.testing.assert_allclose(clf.predict_proba(images), softmax(clf.logits(images), clf.temperature), atol=1e-6)
+    path = clf.save(tmp_path / "b")
+    meta = json.loads((path / "model.json").read_text())
+    assert meta["calibration"]["temperature"] == clf.temperature
+    loaded = load(path)
+    assert loaded.temperature == clf.temperature and loaded.calibration == clf.calibration
+    np.testing.assert_array_equal(loaded.predict_proba(images), clf.predict_proba(images))
+    # a bundle from before calibration (no field) loads with T = 1
+    del meta["calibration"]
+    (path / "model.json").write_text(json.dumps(meta))
+    old = load(path)
+    assert old.temperature == 1.0 and old.calibration is None
+    np.testing.assert_allclose(old.predict_proba(images), softmax(clf.logits(images)), atol=1e-6)
+    for bad in (0.01, 25.0, "2"):
+        meta["calibration"] = {**clf.calibration, "temperature": bad}
+        (path / "model.json").write_text(json.dumps(meta))
+        with pytest.raises(BundleError, match=r"calibration\.temperature"):
+            load(path)
+    meta["calibration"] = {**clf.calibration, "fit_on": {"split": "test", "n": 10}}  # never the test set
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"calibration\.fit_on\.split"):
+        load(path)

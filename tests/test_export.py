@@ -30,3 +30,21 @@ def test_bad_onnx_file(tmp_path):
     path.write_bytes(b"not onnx")
     with pytest.raises(DeepDigitsError, match=r"junk\.onnx: not a readable ONNX model"):
         OnnxClassifier(path)
+
+
+def test_onnx_export_answers_calibrated_probabilities(members, mnist, tmp_path):
+    import copy
+
+    from deepdigits.calibrate import softmax
+
+    clf = copy.deepcopy(members[0])
+    clf.calibrate(mnist.x_train[2000:3000], mnist.y_train[2000:3000])
+    ensemble = combine(members)
+    ensemble.temperature = 0.5
+    images = mnist.x_test[:300]
+    for model in (clf, ensemble):
+        onnx_model = OnnxClassifier(export_onnx(model, tmp_path / "m.onnx"))
+        assert onnx_model.temperature == model.temperature != 1.0
+        probabilities = onnx_model.predict_proba(images)
+        assert np.abs(probabilities - model.predict_proba(images)).max() < 1e-4
+        assert np.abs(probabilities - softmax(model.logits(images))).max() > 1e-2  # T = 1 answers differently

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .bundle import load_bundle, save_bundle
+from .calibrate import held_out_range
 from .data import Dataset, load_dataset
 from .data import validation_split as split_last_fraction
 from .device import INFERENCE_BATCH, channels_last, default_device, precision_text
@@ -69,6 +70,9 @@ class Classifier:
         self.metrics: dict | None = None
         self.extra: dict = {}
         self.provenance: dict = {}  # when, by which command and with which versions a loaded bundle was made
+        # probabilities are softmax(logits / temperature); 1 until ``calibrate`` fits one on held-out images
+        self.temperature = 1.0
+        self.calibration: dict | None = None  # what calibrate recorded: temperature, images fit on, held-out scores
 
     @classmethod
     def from_recipe(cls, recipe: str | Recipe, *, class_names: Sequence[str] | None = None,
@@ -135,11 +139,46 @@ class Classifier:
 
     @torch.no_grad()
     def predict_proba(self, images: np.ndarray, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
-        """Class probabilities (N, 10) for images (N, 28, 28) or one image (28, 28)."""
+        """Calibrated class probabilities (N, 10) for images (N, 28, 28) or one image (28, 28).
+
+        ``softmax(logits / temperature)``: the temperature fit on held-out images at the end of training
+        (1 for a bundle without one). An ensemble's logits are the log of its members' mean probability.
+        """
         network = channels_last(self.network).eval()
         x = self._tensor(images).contiguous(memory_format=torch.channels_last)
-        parts = [torch.softmax(network(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+        parts = [torch.softmax(network(x[i : i + batch_size]) / self.temperature, dim=1)
+                 for i in range(0, len(x), batch_size)]
         return torch.cat(parts).numpy() if parts else np.zeros((0, len(self.class_names)), np.float32)
+
+    @torch.no_grad()
+    def logits(self, images: np.ndarray, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
+        """The network's outputs before the temperature and softmax (N, 10), float32."""
+        network = channels_last(self.network).eval()
+        x = self._tensor(images).contiguous(memory_format=torch.channels_last)
+        parts = [network(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        return torch.cat(parts).numpy() if parts else np.zeros((0, len(self.class_names)), np.float32)
+
+    def calibrate(self, x: np.ndarray, y: np.ndarray, *, fit_on: dict | None = None) -> dict:
+        """Fit the temperature on held-out images and labels — never the test set — and record it.
+
+        ``fit_on`` says which images they are (dataset, split, index range, whether training saw them);
+        the record (``self.calibration``, saved in the bundle) adds their count and, as ``fit_scores``, their
+        ECE, NLL and Brier score before (T = 1) and after. Returns the record.
+        """
+        from .calibrate import fit_temperature, scores, softmax
+
+        y = np.asarray(y)
+        logits = self.logits(x)
+        temperature = fit_temperature(logits, y)
+        before, after = scores(softmax(logits), y), scores(softmax(logits, temperature), y)
+        self.temperature = temperature
+        self.calibration = {
+            "method": "temperature",
+            "temperature": temperature,
+            "fit_on": {**(fit_on or {}), "n": len(y)},
+            "fit_scores": {**after, **{f"{k}_uncalibrated": v for k, v in before.items()}},
+        }
+        return self.calibration
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """The most probable class of each image."""
@@ -154,7 +193,8 @@ class Classifier:
         recipe = self.recipe or {}
         return metrics_from_probabilities(probabilities, np.asarray(y), self.class_names,
                                           loss=recipe.get("loss") or "cross-entropy",
-                                          label_smoothing=float(recipe.get("label_smoothing") or 0.0))
+                                          label_smoothing=float(recipe.get("label_smoothing") or 0.0),
+                                          temperature=self.temperature)
 
     def score(self, x: np.ndarray, y: np.ndarray) -> float:
         """Mean accuracy on images ``x`` and labels ``y``, as scikit-learn's ``score``."""
@@ -197,6 +237,7 @@ class Classifier:
             "train_seconds": self.train_seconds,
             "precision": self.precision,
             "metrics": self.metrics,
+            "calibration": self.calibration,
             "versions": {
                 "deepdigits": __version__,
                 "torch": torch.__version__,
@@ -244,6 +285,8 @@ class Classifier:
         clf.train_seconds = float(meta.get("train_seconds") or 0.0)
         clf.precision = meta.get("precision")
         clf.metrics = meta.get("metrics")
+        clf.calibration = meta.get("calibration")  # absent in bundles from before calibration: T = 1
+        clf.temperature = float((clf.calibration or {}).get("temperature") or 1.0)
         clf.provenance = {k: meta.get(k) for k in ("created", "command", "versions")}
         return clf
 
@@ -290,6 +333,7 @@ def train_recipe(
                                         learning_rate=learning_rate, seed=chosen.seed + i, verbose=verbose))
         clf = combine(trained)
         clf.recipe = {**chosen.to_dict(), "members": [m.recipe for m in trained]}
+        _calibrate_held_out(clf, ds, _shared_held_out(trained, ds), verbose=verbose)
         clf.metrics = clf.evaluate(ds.x_test, ds.y_test)
         return clf
     if verbose:
@@ -299,11 +343,47 @@ def train_recipe(
     clf = Classifier.from_recipe(chosen, class_names=ds.class_names)
     clf.dataset = {"name": ds.name, "source": ds.source, "sha256": ds.checksums}
     x_train, y_train, x_val, y_val = split_last_fraction(ds.x_train, ds.y_train, chosen.validation_split)
+    held_out = held_out_range(len(ds.x_train), chosen.validation_split)  # for calibration: never the test set
+    x_train, y_train = x_train[: held_out.start], y_train[: held_out.start]  # no-op where it is the validation split
     clf.fit(x_train, y_train, validation_data=(x_val, y_val) if len(x_val) else None, verbose=verbose,
             **chosen.fit_options())
     if clf.history:
+        _calibrate_held_out(clf, ds, held_out, verbose=verbose)
         clf.metrics = clf.evaluate(ds.x_test, ds.y_test)
     return clf
+
+
+def _calibrate_held_out(clf: Classifier, ds: Dataset, held_out: range | None, verbose: int = 0) -> None:
+    """Fit ``clf``'s temperature on the training images ``held_out`` (training never saw them).
+
+    They are the recipe's validation split (tutorials 000 and 003: the last 10%), else the last 5,000
+    training images, which ``train_recipe`` keeps out of training. ``None``: no such images, T stays 1.
+    """
+    if held_out is None or not len(held_out):
+        return
+    role = "validation split" if (clf.recipe or {}).get("validation_split") else "held out"
+    record = clf.calibrate(ds.x_train[held_out.start : held_out.stop], ds.y_train[held_out.start : held_out.stop],
+                           fit_on={"dataset": ds.name, "split": "train", "start": held_out.start,
+                                   "stop": held_out.stop, "seen_in_training": False, "role": role})
+    if verbose:
+        scores = record["fit_scores"]
+        print(f"Calibration: temperature {record['temperature']:.3f} fit on training images "
+              f"{held_out.start:,}-{held_out.stop - 1:,} ({role}); there ECE {scores['ece_uncalibrated']:.2%} -> "
+              f"{scores['ece']:.2%}, NLL {scores['nll_uncalibrated']:.4f} -> {scores['nll']:.4f}", file=sys.stderr)
+
+
+def _shared_held_out(members: Sequence[Classifier], ds: Dataset) -> range | None:
+    """The training images of ``ds`` that no member trained on, from their calibration records; else ``None``.
+
+    Each member trained by ``train_recipe`` records the slice at the end of the training split it held out;
+    the ensemble's is the shortest such tail. A member without a record may have seen every image.
+    """
+    slices = [(m.calibration or {}).get("fit_on") or {} for m in members]
+    if not all(s.get("dataset") == ds.name and s.get("split") == "train" and s.get("seen_in_training") is False
+               and isinstance(s.get("start"), int) and s.get("stop") == len(ds.x_train) for s in slices):
+        return None
+    start = max(s["start"] for s in slices)
+    return range(start, len(ds.x_train)) if start < len(ds.x_train) else None
 
 
 def settings_text(chosen: Recipe, base: Recipe | None = None) -> str:
@@ -337,15 +417,24 @@ def combine(classifiers: Sequence[Classifier]) -> Classifier:
     return clf
 
 
-def combine_and_evaluate(members: Sequence[Classifier], x: np.ndarray, y: np.ndarray) -> Classifier:
+def combine_and_evaluate(members: Sequence[Classifier], x: np.ndarray, y: np.ndarray, *,
+                         dataset: Dataset | None = None) -> Classifier:
     """``combine`` the members and score all on ``(x, y)``: each member runs once, the ensemble averages them.
 
     The ensemble's ``metrics`` are its test metrics; ``extra["member_metrics"]`` the members' accuracies.
+    With ``dataset`` (the members' own), the ensemble's temperature is fit on its training images that no
+    member trained on, where the members' bundles record them (``train_recipe`` holds them out); else T = 1.
     """
+    from .calibrate import softmax
+
     clf = combine(members)
-    probabilities = [member.predict_proba(x) for member in members]
+    if dataset is not None:
+        _calibrate_held_out(clf, dataset, _shared_held_out(members, dataset))
+    # each network's own probabilities (T = 1): the ensemble averages those, then applies its own temperature
+    probabilities = [softmax(member.logits(x)) for member in members]
     clf.extra = {"member_metrics": [float(np.mean(p.argmax(1) == y)) for p in probabilities]}
-    clf.metrics = metrics_from_probabilities(np.mean(probabilities, axis=0), y, clf.class_names)
+    mean = np.mean(probabilities, axis=0)
+    clf.metrics = clf.metrics_of(softmax(np.log(np.clip(mean, 1e-30, None)), clf.temperature), y)
     return clf
 
 

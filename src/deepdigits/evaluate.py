@@ -1,4 +1,4 @@
-"""Test metrics from predicted probabilities: loss, accuracy, per-class precision/recall/F1, confusion."""
+"""Test metrics from predicted probabilities: loss, accuracy, per-class precision/recall/F1, confusion, calibration."""
 
 from __future__ import annotations
 
@@ -10,16 +10,21 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 def metrics_from_probabilities(
     probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None, *,
-    loss: str = "cross-entropy", label_smoothing: float = 0.0,
+    loss: str = "cross-entropy", label_smoothing: float = 0.0, temperature: float = 1.0,
 ) -> dict:
     """All test metrics as JSON-ready values.
 
     ``loss`` is the loss the model was trained with (what Keras's ``evaluate`` reports: the compiled loss),
     by name from ``losses.LOSSES``; ``confusion_matrix[i][j]`` counts images of class i predicted as class j.
+    ``probabilities`` are the model's answers, calibrated by ``temperature``; ``calibration`` holds their ECE
+    (15 bins), NLL and Brier score, and the same before calibration (``*_uncalibrated``, T = 1). ``loss`` is
+    of the network's own probabilities (T = 1), as in its training history, so it compares with ``val_loss``.
     """
+    from .calibrate import calibration_metrics, logits_of, softmax
     from .losses import loss_of_probabilities
 
     probabilities = np.asarray(probabilities, dtype=np.float64)
+    uncalibrated = probabilities if temperature == 1.0 else softmax(logits_of(probabilities), 1.0 / temperature)
     labels = np.asarray(labels).astype(np.int64)
     n_classes = probabilities.shape[1]
     names = list(class_names) if class_names is not None else [str(i) for i in range(n_classes)]
@@ -30,7 +35,7 @@ def metrics_from_probabilities(
     )
     return {
         "n": len(labels),
-        "loss": loss_of_probabilities(probabilities, labels, loss, label_smoothing),
+        "loss": loss_of_probabilities(uncalibrated, labels, loss, label_smoothing),
         "accuracy": float((predicted == labels).mean()),
         "per_class": [
             {
@@ -44,6 +49,7 @@ def metrics_from_probabilities(
             for i in classes
         ],
         "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
+        "calibration": calibration_metrics(probabilities, labels, temperature),
     }
 
 
@@ -71,4 +77,8 @@ def format_metrics(metrics: dict) -> str:
     lines.append(" " * 6 + "".join(f"{j:>{width}}" for j in range(len(matrix))))
     for i, row in enumerate(matrix):
         lines.append(f"{i:>5} " + "".join(f"{v:>{width}}" for v in row))
+    if metrics.get("calibration"):
+        from .calibrate import format_calibration
+
+        lines += ["", "Calibration of the probabilities (lower is better):", format_calibration(metrics["calibration"])]
     return "\n".join(lines)

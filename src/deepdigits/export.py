@@ -1,4 +1,4 @@
-"""Export a model to ONNX (probabilities out) and run it with ONNX Runtime."""
+"""Export a model to ONNX (calibrated probabilities out) and run it with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -21,21 +21,29 @@ OPSET = 17
 
 
 class _Probabilities(nn.Module):
-    """The network followed by softmax, so the ONNX graph answers with probabilities like Keras's model."""
+    """The network, its temperature and softmax: the ONNX graph answers with the calibrated probabilities."""
 
-    def __init__(self, network: nn.Module):
+    def __init__(self, network: nn.Module, temperature: float = 1.0):
         super().__init__()
         self.network = network
+        self.temperature = float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.network(images), dim=1)
+        logits = self.network(images)
+        if self.temperature != 1.0:  # a Div node by a constant; an uncalibrated model's graph is as before
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=1)
 
 
 def onnx_bytes(classifier) -> bytes:
-    """The classifier as an ONNX model: input ``images`` float (N, 1, 28, 28) in [0, 1], output ``probabilities``."""
+    """The classifier as an ONNX model: input ``images`` float (N, 1, 28, 28) in [0, 1], output ``probabilities``.
+
+    The probabilities are ``softmax(logits / T)`` with the classifier's temperature, as ``predict_proba``.
+    """
     import onnx
 
-    module = _Probabilities(classifier.network).eval()
+    temperature = float(getattr(classifier, "temperature", 1.0))
+    module = _Probabilities(classifier.network, temperature).eval()
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation; it still works
@@ -49,6 +57,7 @@ def onnx_bytes(classifier) -> bytes:
         "deepdigits.class_names": json.dumps(list(classifier.class_names)),
         "deepdigits.input": "float32 (N, 1, 28, 28): MNIST-style images scaled by input_scale",
         "deepdigits.input_scale": repr(classifier.input_scale),
+        "deepdigits.temperature": repr(temperature),  # already in the graph; recorded for people and tools
         "deepdigits.card": json.dumps(classifier.card().to_dict()),
     }
     for key, value in metadata.items():
@@ -82,6 +91,7 @@ class OnnxClassifier:
         self.architecture = meta.get("deepdigits.architecture", "onnx")
         self.class_names = tuple(json.loads(meta.get("deepdigits.class_names", json.dumps(list("0123456789")))))
         self.input_scale = float(meta.get("deepdigits.input_scale", 1 / 255))
+        self.temperature = float(meta.get("deepdigits.temperature", 1.0))  # already applied inside the graph
         self.input_name = self.session.get_inputs()[0].name
         self._card = self._read_card(meta.get("deepdigits.card"), source)
 

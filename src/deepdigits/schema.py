@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from .calibrate import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .models import N_CLASSES
 
 FORMAT = "deepdigits-bundle"
@@ -132,6 +133,35 @@ class Metrics(_Open):
     confusion_matrix: Annotated[
         list[Annotated[list[Count], Field(max_length=MAX_CLASSES)]], Field(max_length=MAX_CLASSES)
     ] | None = None
+    calibration: Annotated[dict[ShortText, Number], Field(max_length=32)] | None = None  # test ECE, NLL, Brier
+
+
+def _temperature(value: int | float) -> int | float:
+    if not MIN_TEMPERATURE < value < MAX_TEMPERATURE:  # a fit stays inside, see calibrate.FIT_RANGE
+        raise PydanticCustomError("number_range", "expected a temperature in ({low}, {high})",
+                                  {"low": MIN_TEMPERATURE, "high": MAX_TEMPERATURE})
+    return value
+
+
+class HeldOutImages(_Open):
+    """The images a temperature was fit on: a slice of a dataset's training split, never its test set."""
+
+    dataset: ShortText | None = None
+    split: Literal["train"] | None = None
+    start: Count | None = None
+    stop: Count | None = None
+    n: Count
+    seen_in_training: bool | None = None
+
+
+class Calibration(_Open):
+    """How probabilities are calibrated: ``softmax(logits / temperature)``, fit on held-out images."""
+
+    method: Literal["temperature"] = "temperature"
+    temperature: Annotated[Number, AfterValidator(_temperature)]
+    fit_on: HeldOutImages | None = None
+    fit_scores: Annotated[dict[ShortText, Number], Field(max_length=32)] | None = None  # ECE, NLL, Brier there
+    note: Text | None = None
 
 
 class BundleDocument(_Open):
@@ -155,6 +185,7 @@ class BundleDocument(_Open):
     train_seconds: NonNegative | None = None
     precision: ShortText | None = None
     metrics: Metrics | None = None
+    calibration: Calibration | None = None  # absent or null: probabilities are softmax(logits), T = 1
     versions: Annotated[dict[ShortText, ShortText], Field(max_length=32)] | None = None
     created: ShortText | None = None
     command: Annotated[str, Field(max_length=65536)] | None = None

@@ -1,0 +1,152 @@
+"""Calibrated probabilities: a temperature fit on held-out logits (Guo et al. 2017), and ECE, NLL and Brier."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+N_BINS = 15  # equal-width confidence bins of the expected calibration error, as Guo et al.
+HOLDOUT = 5000  # training images held out for calibration when a recipe has no validation split
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0  # what a bundle may store (open interval)
+FIT_RANGE = (1 / 16, 16.0)  # what the fit searches: inside the stored range, so its bounds are valid too
+
+
+def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """``log softmax(logits / temperature)`` in float64, stable for any logit size."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """``softmax(logits / temperature)`` in float64."""
+    return np.exp(log_softmax(logits, temperature))
+
+
+def logits_of(probabilities: np.ndarray) -> np.ndarray:
+    """Logits whose softmax is ``probabilities`` (log p; a probability that underflowed to 0 counts as 1e-45)."""
+    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-45, None))
+
+
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict:
+    """Per equal-width confidence bin ``(lo, hi]``: count, mean confidence and accuracy (NaN where empty)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bin i holds confidences in (edges[i], edges[i + 1]]; a confidence of exactly 0 joins the first
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    counts = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, confidence, n_bins) / counts
+        accuracy = np.bincount(index, correct.astype(np.float64), n_bins) / counts
+    return {"edges": edges, "counts": counts, "confidence": mean_confidence, "accuracy": accuracy}
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
+    """ECE: the count-weighted mean of |accuracy - confidence| over equal-width confidence bins (a fraction)."""
+    bins = reliability_bins(probabilities, labels, n_bins)
+    counts = bins["counts"]
+    if not counts.sum():
+        return 0.0
+    filled = counts > 0
+    gaps = np.abs(bins["accuracy"][filled] - bins["confidence"][filled])
+    return float((counts[filled] * gaps).sum() / counts.sum())
+
+
+def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean ``-log p(true class)`` (natural log), with scikit-learn's clipping of 0 and 1."""
+    from sklearn.metrics import log_loss
+
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if not len(probabilities):
+        return 0.0
+    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)  # float32 rows sum to 1 +- 1e-7
+    return float(log_loss(np.asarray(labels), probabilities, labels=list(range(probabilities.shape[1]))))
+
+
+def brier_score(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-class Brier score: the mean over samples of the summed squared distance to the one-hot label (0-2)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if not len(probabilities):
+        return 0.0
+    one_hot = np.eye(probabilities.shape[1])[np.asarray(labels).astype(np.int64)]
+    return float(((probabilities - one_hot) ** 2).sum(axis=1).mean())
+
+
+def nll_of_logits(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean NLL of ``softmax(logits / temperature)``, computed in log space (no clipping)."""
+    log_p = log_softmax(logits, temperature)
+    return float(-log_p[np.arange(len(log_p)), np.asarray(labels).astype(np.int64)].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T minimising the NLL of ``softmax(logits / T)`` on held-out logits, within ``FIT_RANGE``.
+
+    A bounded 1-D search (Brent's method) on log T. The NLL is convex in 1/T, so the search finds the
+    optimum; when the held-out set is all right (the NLL keeps falling as T -> 0) it stops at the bound.
+    Measured against L-BFGS on log T with a strong Wolfe line search (benchmarks/calibration.py --compare):
+    both give T = 0.4215 on the built-in model's held-out logits and 0.4627 on `fast`'s, Brent in about
+    20 ms, L-BFGS in 1.6-2.8 s. On an all-right held-out set L-BFGS ran on to T = 0.015 (no finite
+    optimum) where the bounded search stops at 1/16; without the line search (lr 0.01, 100 steps) L-BFGS
+    stopped far from the optimum (T = 0.77 for 0.42). L-BFGS does find optima beyond the bounds (T = 421
+    for logits scaled by 1000) which this search cannot; the trained recipes measured 0.42-0.46.
+    """
+    from scipy.optimize import minimize_scalar
+
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    if not len(logits):
+        return 1.0
+    low, high = math.log(FIT_RANGE[0]), math.log(FIT_RANGE[1])
+    result = minimize_scalar(lambda log_t: nll_of_logits(logits, labels, math.exp(log_t)),
+                             bounds=(low, high), method="bounded", options={"xatol": 1e-5})
+    # Brent's bounded method stops within xatol of a bound, never on it: snap to the bound it approached
+    for bound, value in ((low, FIT_RANGE[0]), (high, FIT_RANGE[1])):
+        if abs(result.x - bound) < 1e-4:
+            return value
+    return float(math.exp(result.x))
+
+
+def scores(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict:
+    """ECE (15 bins), NLL and Brier of probabilities against labels."""
+    return {"ece": expected_calibration_error(probabilities, labels, n_bins),
+            "nll": negative_log_likelihood(probabilities, labels),
+            "brier": brier_score(probabilities, labels)}
+
+
+def calibration_metrics(probabilities: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> dict:
+    """ECE, NLL and Brier of calibrated ``probabilities`` and of the same model before calibration (T = 1).
+
+    The uncalibrated probabilities are recovered as ``softmax(T * log p)``: exact, since
+    ``log p = logits / T - constant``. Keys: ``temperature``, ``ece``, ``nll``, ``brier`` and the same
+    with ``_uncalibrated``; fractions, not percentages.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    after = scores(probabilities, labels)
+    before = after if temperature == 1.0 else scores(softmax(logits_of(probabilities), 1.0 / temperature), labels)
+    return {"temperature": float(temperature), "n_bins": N_BINS, **after,
+            **{f"{k}_uncalibrated": v for k, v in before.items()}}
+
+
+def held_out_range(n_train: int, validation_split: float) -> range:
+    """Which training images a run holds out for calibration: its validation split, else the last ``HOLDOUT``.
+
+    A validation split is the last fraction (Keras's rule, ``data.validation_split``). Without one the
+    last 5,000 of MNIST's 60,000 are held out (a tenth of the training set where it is smaller than 50,000).
+    """
+    if validation_split:
+        return range(math.ceil(n_train * (1.0 - validation_split)), n_train)  # as data.validation_split
+    return range(n_train - min(HOLDOUT, n_train // 10), n_train)
+
+
+def format_calibration(calibration: dict) -> str:
+    """Two lines: ECE, NLL and Brier with the stored temperature, and before it (T = 1)."""
+    def line(label: str, suffix: str) -> str:
+        return (f"{label:<24}ECE (15 bins) {calibration['ece' + suffix] * 100:5.2f}%   "
+                f"NLL {calibration['nll' + suffix]:.4f}   Brier {calibration['brier' + suffix]:.4f}")
+
+    return "\n".join([line(f"Calibrated (T = {calibration['temperature']:.3f}):", ""),
+                      line("Uncalibrated (T = 1):", "_uncalibrated")])

@@ -1,0 +1,177 @@
+"""Calibration: ECE, NLL and Brier by hand, the temperature fit, held-out images only, the built-in model."""
+
+import math
+
+import numpy as np
+import pytest
+
+from deepdigits import Classifier, train_recipe
+from deepdigits.calibrate import (
+    FIT_RANGE,
+    brier_score,
+    calibration_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    format_calibration,
+    held_out_range,
+    negative_log_likelihood,
+    reliability_bins,
+    scores,
+    softmax,
+)
+from deepdigits.data import load_dataset
+from deepdigits.evaluate import format_metrics
+
+# Four answers over two classes: right at 0.95, wrong at 0.95, right at 0.62, wrong at 0.5 (a tie goes to class 0).
+PROBABILITIES = np.array([[0.95, 0.05], [0.05, 0.95], [0.38, 0.62], [0.5, 0.5]])
+LABELS = np.array([0, 0, 1, 1])
+
+
+def test_expected_calibration_error_by_hand():
+    # bin (14/15, 1]: 2 images, accuracy 1/2, confidence 0.95 -> gap 0.45; bin (9/15, 10/15]: 0.62 right -> 0.38;
+    # bin (7/15, 8/15]: 0.5 wrong -> 0.5. ECE = 2/4 * 0.45 + 1/4 * 0.38 + 1/4 * 0.5
+    assert expected_calibration_error(PROBABILITIES, LABELS) == pytest.approx(0.445, abs=1e-12)
+    bins = reliability_bins(PROBABILITIES, LABELS)
+    assert bins["counts"].tolist() == [0] * 7 + [1, 0, 1, 0, 0, 0, 0, 2]
+    assert bins["accuracy"][14] == 0.5 and bins["confidence"][14] == pytest.approx(0.95)
+    # calibrated by construction: 0.75 sure and right 3 times in 4
+    sure = np.array([[0.75, 0.25]] * 4)
+    assert expected_calibration_error(sure, np.array([0, 0, 0, 1])) == pytest.approx(0.0, abs=1e-12)
+    # bins are (lo, hi]: a confidence of exactly 1 is in the last, exactly 14/15 is the top of bin 13
+    edge = reliability_bins(np.array([[1.0, 0.0], [1 / 15, 14 / 15]]), np.array([0, 0]))
+    assert edge["counts"][14] == 1 and edge["counts"][13] == 1
+    assert expected_calibration_error(np.zeros((0, 10)), np.zeros(0)) == 0.0
+
+
+def test_bin_edges_are_closed_on_the_right():
+    counts = reliability_bins(np.array([[1 / 15 + 1e-9, 0.1], [0.5 + 1e-9, 0.5 - 1e-9]]), np.array([0, 0]))["counts"]
+    assert counts[1] == 1 and counts[7] == 1
+
+
+def test_negative_log_likelihood_and_brier_by_hand():
+    expected_nll = -(math.log(0.95) + math.log(0.05) + math.log(0.62) + math.log(0.5)) / 4
+    assert negative_log_likelihood(PROBABILITIES, LABELS) == pytest.approx(expected_nll, rel=1e-12)
+    # squared distance to one-hot, summed over classes, averaged over images
+    expected_brier = (2 * 0.05**2 + 2 * 0.95**2 + 2 * 0.38**2 + 2 * 0.5**2) / 4
+    assert brier_score(PROBABILITIES, LABELS) == pytest.approx(expected_brier, rel=1e-12)
+    assert brier_score(np.eye(3), np.arange(3)) == 0.0 and brier_score(np.eye(3), [1, 2, 0]) == 2.0
+    assert negative_log_likelihood(np.eye(3), np.arange(3)) == pytest.approx(0.0, abs=1e-12)
+
+
+def _synthetic(true_temperature: float, n: int = 6000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose labels are drawn from softmax(logits / true_temperature): that T is the right one."""
+    rng = np.random.default_rng(seed)
+    calibrated = rng.normal(0.0, 3.0, (n, 10))
+    probabilities = softmax(calibrated)
+    labels = (probabilities.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+    return calibrated * true_temperature, labels
+
+
+@pytest.mark.parametrize("true_temperature", [0.3, 1.0, 2.5, 8.0])
+def test_temperature_fit_recovers_a_known_temperature(true_temperature):
+    logits, labels = _synthetic(true_temperature)
+    fitted = fit_temperature(logits, labels)
+    assert fitted == pytest.approx(true_temperature, rel=0.04)
+    assert expected_calibration_error(softmax(logits, fitted), labels) < 0.02
+    assert expected_calibration_error(softmax(logits), labels) > 0.05 or true_temperature == 1.0
+
+
+def test_temperature_fit_is_bounded_where_the_optimum_is_not_finite():
+    # every answer right: the NLL keeps falling as T -> 0 (unbounded L-BFGS walked to T = 0.015); the fit stops
+    logits, _ = _synthetic(1.0)
+    right = logits.argmax(axis=1)
+    assert fit_temperature(logits, right) == FIT_RANGE[0]
+    assert fit_temperature(np.zeros((0, 10)), np.zeros(0, int)) == 1.0
+
+
+def test_uncalibrated_scores_are_recovered_from_calibrated_probabilities():
+    logits, labels = _synthetic(2.5, n=2000)
+    temperature = fit_temperature(logits, labels)
+    both = calibration_metrics(softmax(logits, temperature).astype(np.float32), labels, temperature)
+    direct = scores(softmax(logits), labels)
+    for key in ("ece", "nll", "brier"):
+        assert both[f"{key}_uncalibrated"] == pytest.approx(direct[key], rel=1e-4)
+    assert both["ece"] < both["ece_uncalibrated"] and both["nll"] < both["nll_uncalibrated"]
+    text = format_calibration(both)
+    assert f"T = {temperature:.3f}" in text and "Uncalibrated (T = 1)" in text and "ECE (15 bins)" in text
+
+
+def test_held_out_range_is_the_validation_split_or_the_last_5000():
+    assert held_out_range(60_000, 0.1) == range(54_000, 60_000)
+    assert held_out_range(60_000, 0.0) == range(55_000, 60_000)
+    assert held_out_range(30, 0.0) == range(27, 30)  # a tenth of a small training set
+
+
+def test_train_recipe_calibrates_on_training_images_it_held_out(tiny, monkeypatch):
+    spec, source = tiny
+    ds = load_dataset(spec.name, data_dir=source)
+    seen: dict = {}
+    fit, calibrate = Classifier.fit, Classifier.calibrate
+
+    def recording_fit(self, x, y, **options):
+        seen["fit"] = np.array(x)
+        return fit(self, x, y, **options)
+
+    def recording_calibrate(self, x, y, **options):
+        seen["calibrate"] = np.array(x)
+        return calibrate(self, x, y, **options)
+
+    monkeypatch.setattr(Classifier, "fit", recording_fit)
+    monkeypatch.setattr(Classifier, "calibrate", recording_calibrate)
+    clf = train_recipe("tutorial-002", dataset=ds, epochs=1, verbose=0)
+    fit_on = clf.calibration["fit_on"]
+    assert fit_on == {"dataset": spec.name, "split": "train", "start": 27, "stop": 30, "seen_in_training": False,
+                      "role": "held out", "n": 3}
+    np.testing.assert_array_equal(seen["calibrate"], ds.x_train[27:30])  # training images, never the test set
+    np.testing.assert_array_equal(seen["fit"], ds.x_train[:27])  # ... that training did not see
+    assert not any((seen["calibrate"] == test).all(axis=(1, 2)).any() for test in ds.x_test)
+    assert FIT_RANGE[0] <= clf.temperature <= FIT_RANGE[1] and clf.metrics["calibration"]["temperature"] == (
+        clf.temperature)
+
+    clf = train_recipe("tutorial-000", dataset=ds, epochs=1, verbose=0)  # a recipe with a validation split
+    assert clf.calibration["fit_on"]["role"] == "validation split" and clf.calibration["fit_on"]["start"] == 27
+    np.testing.assert_array_equal(seen["fit"], ds.x_train[:27])
+
+
+def test_an_ensemble_is_calibrated_on_the_images_no_member_saw(tiny):
+    spec, source = tiny
+    ds = load_dataset(spec.name, data_dir=source)
+    from deepdigits.classifier import combine_and_evaluate
+
+    members = [train_recipe("tutorial-002", dataset=ds, epochs=1, seed=seed, verbose=0) for seed in (0, 1)]
+    ensemble = combine_and_evaluate(members, ds.x_test, ds.y_test, dataset=ds)
+    assert ensemble.calibration["fit_on"]["start"] == 27 and ensemble.calibration["fit_on"]["n"] == 3
+    logits = ensemble.logits(ds.x_test)
+    np.testing.assert_allclose(ensemble.predict_proba(ds.x_test), softmax(logits, ensemble.temperature), atol=1e-6)
+    # a member that may have seen every image (no record): no held-out images, T stays 1
+    members[1].calibration = None
+    assert combine_and_evaluate(members, ds.x_test, ds.y_test, dataset=ds).temperature == 1.0
+
+
+# --------------------------------------------------------------------------- the built-in model
+
+
+def test_builtin_model_is_calibrated_on_the_test_set(mnist):
+    from deepdigits.predictor import builtin_model
+
+    clf = builtin_model()
+    assert clf.calibration["fit_on"]["split"] == "train" and clf.calibration["fit_on"]["seen_in_training"] is True
+    metrics = clf.evaluate(mnist.x_test, mnist.y_test)
+    calibration = metrics["calibration"]
+    # benchmarks/calibration.py: ECE 9.31% -> 0.09%, NLL 0.1066 -> 0.0096, Brier 0.0165 -> 0.0046 (T = 0.4215)
+    assert calibration["ece"] <= 0.01 and calibration["ece_uncalibrated"] > 0.09
+    assert calibration["nll"] < calibration["nll_uncalibrated"] / 5
+    assert calibration["brier"] < calibration["brier_uncalibrated"] / 2
+    assert metrics["accuracy"] >= 0.995
+    assert "Calibrated (T = 0.421)" in format_metrics(metrics)
+
+
+def test_a_cleanly_drawn_digit_reads_at_least_98_percent(mnist):
+    from deepdigits.predictor import builtin_model
+    from deepdigits.recognize import predict_digit
+    from deepdigits.synthetic import render_digit
+
+    assert builtin_model().predict_proba(mnist.x_test[0])[0, 7] >= 0.98  # before calibration: 0.915
+    rng = np.random.default_rng(0)
+    answer = predict_digit(render_digit(mnist.x_test[0], rng))
+    assert answer.digit == 7 and answer.confidence >= 0.98
