@@ -303,7 +303,7 @@ def _from_cli() -> bool:
 
 
 def train_recipe(
-    recipe: str | Recipe = "tutorial-003",
+    recipe: str | Recipe | None = None,
     *,
     dataset: str | Dataset | None = None,
     data_dir: str | os.PathLike | None = None,
@@ -312,18 +312,41 @@ def train_recipe(
     learning_rate: float | None = None,
     seed: int | None = None,
     verbose: int = 1,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume: str | os.PathLike | None = None,
 ) -> Classifier:
-    """Train a named recipe on its dataset, evaluate on the test set, and return the classifier.
+    """Train a named recipe (default: tutorial-003) on its dataset, evaluate on the test set, return the classifier.
 
     The returned classifier carries the recipe, history and test metrics; ``.save(path)`` writes it.
+    With ``checkpoint_dir`` a checkpoint is written there every ``checkpoint_every`` epochs (and after the
+    last); ``resume`` (a run's output folder or checkpoint folder) continues that run with its recipe and
+    overrides, writing on into the same folder, and ends with the weights the uninterrupted run would
+    have had. Checkpoints are left for the caller to remove (``checkpoint.remove_checkpoints``); ensembles
+    write none. Inside a torch.distributed process group (torchrun) every process trains its shard of each
+    batch and only rank 0 prints, writes checkpoints and scores the test set (see ``deepdigits.distributed``).
     """
-    base = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    from . import checkpoint, distributed
+
+    world = distributed.setup()
+    if world is not None and world.rank != 0:
+        verbose = 0
+    resumed = checkpoint.resume_run(resume) if resume is not None else None
+    if recipe is None and resumed is not None:  # the run's own recipe, overrides included
+        base, start = resumed.base_recipe(), resumed.recipe()
+    else:
+        base = get_recipe(recipe or "tutorial-003") if isinstance(recipe, str | None) else recipe
+        start = base
     dataset_name = dataset.name if isinstance(dataset, Dataset) else dataset
-    chosen = base.with_overrides(
+    chosen = start.with_overrides(
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed, dataset=dataset_name
     )
     _check_positive(epochs=chosen.epochs, batch_size=chosen.batch_size, learning_rate=chosen.learning_rate)
-    ds = dataset if isinstance(dataset, Dataset) else load_dataset(chosen.dataset, data_dir=data_dir)
+    if resumed is not None:
+        resumed.check_recipe(chosen)
+        resumed.check_world(world.world_size if world else 1)
+    ds = dataset if isinstance(dataset, Dataset) else distributed.first_on_each_machine(
+        lambda: load_dataset(chosen.dataset, data_dir=data_dir))
     if chosen.members:  # an ensemble recipe: train each member with its own seed, then average them
         trained = []
         for i in range(chosen.members):
@@ -342,12 +365,18 @@ def train_recipe(
         print(f"Settings: {settings_text(chosen, base)}", file=sys.stderr)
     clf = Classifier.from_recipe(chosen, class_names=ds.class_names)
     clf.dataset = {"name": ds.name, "source": ds.source, "sha256": ds.checksums}
+    clf.extra["distributed"] = world.describe() if world else {"world_size": 1, "backend": None}
+    data = {"name": ds.name, "sha256": dict(ds.checksums), "train_images": len(ds.x_train)}
+    if resumed is not None:
+        resumed.check_data(data)
+    identity = checkpoint.run_identity(base, chosen, data, world.world_size if world else 1,
+                                       world.backend if world else None, checkpoint_every)
     x_train, y_train, x_val, y_val = split_last_fraction(ds.x_train, ds.y_train, chosen.validation_split)
     held_out = held_out_range(len(ds.x_train), chosen.validation_split)  # for calibration: never the test set
     x_train, y_train = x_train[: held_out.start], y_train[: held_out.start]  # no-op where it is the validation split
     clf.fit(x_train, y_train, validation_data=(x_val, y_val) if len(x_val) else None, verbose=verbose,
-            **chosen.fit_options())
-    if clf.history:
+            **chosen.fit_options(), **checkpoint.checkpointing(checkpoint_dir, checkpoint_every, resumed, identity))
+    if clf.history and (world is None or world.rank == 0):
         _calibrate_held_out(clf, ds, held_out, verbose=verbose)
         clf.metrics = clf.evaluate(ds.x_test, ds.y_test)
     return clf

@@ -195,13 +195,15 @@ def add_train(commands) -> None:
     train = commands.add_parser(
         "train", help="train a recipe and save a model bundle",
         description="Train a named recipe and save a model bundle (safetensors weights + JSON metadata, with "
-        "training curves and the confusion matrix as PNG). Ctrl-C stops training and saves the last finished "
-        "epoch.",
+        "training curves and the confusion matrix as PNG). A checkpoint is written into OUT/checkpoint at the "
+        "end of every epoch; a run that was killed continues with --resume OUT. Ctrl-C stops training and "
+        "saves the last finished epoch (the checkpoint is kept). Data-parallel: torchrun --standalone "
+        "--nproc_per_node=N -m deepdigits train ...",
         epilog="recipes:\n" + "\n".join(f"  {r.name:<14}{r.description}" for r in RECIPES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--recipe", default="tutorial-003", choices=list(RECIPES), metavar="NAME",
-                       help="which recipe (default: tutorial-003; see the list below)")
+    train.add_argument("--recipe", choices=list(RECIPES), metavar="NAME",
+                       help="which recipe (default: tutorial-003, or the resumed run's; see the list below)")
     train.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
     train.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     train.add_argument("--lr", type=float, help="override the recipe's learning rate")
@@ -209,7 +211,14 @@ def add_train(commands) -> None:
     _dataset_option(train, default=None)
     _data_dir_option(train)
     train.add_argument("--out", metavar="DIR", help="bundle folder to write (default: runs/RECIPE, numbered "
-                       "if it exists)")
+                       "if it exists; with --resume, the resumed run's folder)")
+    train.add_argument("--checkpoint-every", type=int, metavar="N",
+                       help="write the checkpoint every N epochs (default: 1, or the resumed run's)")
+    train.add_argument("--keep-checkpoints", action="store_true",
+                       help="keep OUT/checkpoint when the run finishes (default: removed once the bundle is saved)")
+    train.add_argument("--resume", metavar="DIR",
+                       help="continue the run whose checkpoint is in DIR (its output folder) with its recipe and "
+                       "options; ends with the weights the uninterrupted run would have had")
     _quiet_option(train)
     train.set_defaults(handler=cmd_train)
 
@@ -223,28 +232,81 @@ def _default_out(recipe: str) -> Path:
     return candidate
 
 
+def _remove_empty_run(root: Path, out: Path) -> None:
+    """Take back the options a run recorded when it ends before its first checkpoint."""
+    from .checkpoint import OPTIONS_FILE, has_checkpoint
+
+    if root.is_dir() and not has_checkpoint(root):
+        (root / OPTIONS_FILE).unlink(missing_ok=True)
+        for folder in (root, out):
+            try:
+                folder.rmdir()  # only where nothing else is left
+            except OSError:
+                break
+
+
 def cmd_train(args) -> int:
+    from . import checkpoint, distributed
+
+    try:
+        return _train(args, checkpoint)
+    finally:
+        distributed.teardown()
+
+
+def _train(args, checkpoint) -> int:
     from .classifier import train_recipe
+    from .distributed import setup
     from .evaluate import format_headline
     from .plots import bundle_figures
     from .progress import epochs_text
 
-    out = Path(args.out) if args.out else _default_out(args.recipe)
+    world = setup()  # None unless started by torchrun
+    main_process = world is None or world.rank == 0
+    if args.checkpoint_every is not None:
+        _check_range("--checkpoint-every", args.checkpoint_every, 1, 1_000_000)
+    if args.resume:
+        root = checkpoint.checkpoint_root(args.resume)
+        recorded = checkpoint.read_options(root)
+        out = Path(args.out) if args.out else (root.parent if root.name == checkpoint.CHECKPOINT_DIR else root)
+    else:
+        out = Path(args.out) if args.out else _default_out(args.recipe or "tutorial-003")
+        root, recorded = out / checkpoint.CHECKPOINT_DIR, {}
     if out.exists() and not out.is_dir():
         raise DeepDigitsError(f"--out {out}: exists and is not a folder")
-    clf = train_recipe(
-        args.recipe, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, verbose=0 if args.quiet else 1,
-    )
+    every = args.checkpoint_every or int(recorded.get("checkpoint_every") or 1)
+    keep = args.keep_checkpoints or bool(recorded.get("keep_checkpoints"))
+    # Recorded for --resume before the first epoch; a new run leaves another run's checkpoint alone (and is refused).
+    if main_process and bool(args.resume) == checkpoint.has_checkpoint(root):
+        checkpoint.write_options(root, {"checkpoint_every": every, "keep_checkpoints": keep})
+    try:
+        clf = train_recipe(
+            args.recipe, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
+            batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, verbose=0 if args.quiet else 1,
+            checkpoint_dir=root, checkpoint_every=every, resume=args.resume,
+        )
+    except BaseException:
+        if main_process:
+            _remove_empty_run(root, out)
+        raise
+    if not main_process:  # rank 0 writes the bundle
+        return 130 if clf.interrupted else 0
     if not clf.history:
+        _remove_empty_run(root, out)
         print("deepdigits: interrupted before the first epoch finished; nothing saved", file=sys.stderr)
         return 130
-    clf.save(out, extra_files=bundle_figures(clf))
+    if keep or clf.interrupted:
+        with checkpoint.kept_through_save(out):
+            clf.save(out, extra_files=bundle_figures(clf))
+    else:  # a bundle saved over OUT replaces the folder whole, its checkpoint with it
+        clf.save(out, extra_files=bundle_figures(clf))
+        checkpoint.remove_checkpoints(root)
     if clf.metrics:
         print(format_headline(clf.metrics))
     print(f"saved model bundle: {out}  ({epochs_text(len(clf.history))}, {clf.train_seconds:.1f} s training)")
     if clf.interrupted:
-        print("deepdigits: training was interrupted; the bundle holds the last finished epoch", file=sys.stderr)
+        print("deepdigits: training was interrupted; the bundle holds the last finished epoch; continue with "
+              f"deepdigits train --resume {out if root.parent == out else root}", file=sys.stderr)
         return 130
     return 0
 

@@ -1,17 +1,20 @@
-"""The training loop: shuffled in-memory batches, optimizers and schedules by name, weight averaging."""
+"""The training loop: shuffled in-memory batches, optimizers and schedules by name, weight averaging, resuming."""
 
 from __future__ import annotations
 
 import copy
 import math
+import random
 import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .augment import augment_batch
 from .device import INFERENCE_BATCH, default_device, training_precision
 from .errors import DeepDigitsError
@@ -132,9 +135,25 @@ class WeightAverage:
                 average.copy_(current)
 
 
+# Ranks other than 0 draw dropout masks and augmentations from seeds this far apart, so that no two
+# processes of a data-parallel run share a stream; rank 0 draws what a single process would.
+RANK_SEED_STRIDE = 7919
+_GENERATOR_STATES = ("torch", "cuda", "shuffle", "augment")  # uint8 tensors; numpy and python states are lists
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches in an epoch of ``n`` examples: the last, partial one too, unless it has fewer than one per process."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= world_size else 0)
+
+
 @dataclass
 class TrainingRun:
-    """The state of one ``fit`` call and its steps: ``train_epoch``, ``validate``, ``end_epoch``, ``finish``."""
+    """The state of one ``fit`` call and its steps: ``train_epoch``, ``validate``, ``end_epoch``, ``finish``.
+
+    Under data parallelism ``wrapped`` is the network's DistributedDataParallel wrapper (the forward pass
+    runs through it, so gradients are all-reduced) and each process trains on its shard of every batch.
+    """
 
     network: nn.Module
     x: torch.Tensor
@@ -152,19 +171,36 @@ class TrainingRun:
     history: History
     last_good: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    wrapped: nn.Module | None = None
+    rank: int = 0
+    world_size: int = 1
+    previous_seconds: float = 0.0  # training time of the epochs a resumed run restored
 
     @property
     def steps(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)
+        return steps_per_epoch(len(self.x), self.batch_size, self.world_size)
 
     @property
     def final_network(self) -> nn.Module:
         """What validation scores and training ends with: the weight average where there is one."""
         return self.averaged.module if self.averaged is not None else self.network
 
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history.epochs)
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's part of a batch of indices: every ``world_size``-th from its rank (all of it alone)."""
+        return batch[self.rank :: self.world_size] if self.world_size > 1 else batch
+
     def train_epoch(self, epoch: int) -> dict:
-        """One pass over the shuffled data; returns the epoch's mean training loss and accuracy."""
-        network, device = self.network, self.x.device
+        """One pass over the shuffled data; returns the epoch's mean training loss and accuracy.
+
+        Every process draws the same permutation (the shuffle generator is seeded alike) and trains on its
+        shard of each batch; its loss is weighted by its share of the batch, so the all-reduced (averaged)
+        gradients are those of the whole batch's mean loss even when the shards differ in size by one.
+        """
+        network, device = self.wrapped or self.network, self.x.device
         network.train()
         order = torch.randperm(len(self.x), generator=self.shuffle).to(device)
         self.progress.begin_epoch(epoch)
@@ -172,7 +208,8 @@ class TrainingRun:
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         for step in range(1, self.steps + 1):
-            idx = order[(step - 1) * self.batch_size : step * self.batch_size]
+            batch = order[(step - 1) * self.batch_size : step * self.batch_size]
+            idx = self.shard(batch)
             xb, yb = self.x[idx], self.y[idx]
             if self.augment:
                 xb = augment_batch(xb, self.augment_rng)
@@ -180,17 +217,25 @@ class TrainingRun:
                 logits = network(xb).float()
             batch_loss = self.loss_fn(logits, yb)
             self.optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
+            if self.world_size > 1:
+                (batch_loss * (len(idx) * self.world_size / len(batch))).backward()
+            else:
+                batch_loss.backward()
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
             if self.averaged is not None:
-                self.averaged.update(network)
+                self.averaged.update(self.network)
             loss_sum += batch_loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == yb).sum()
             seen += len(idx)
             if self.progress.wants_step(step):  # reading the sums waits for the device: only when shown
                 self.progress.step(step, {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen})
+        if self.world_size > 1:  # the epoch's metrics over all shards, the same on every process
+            totals = distributed.all_reduce_sum(torch.stack(
+                [loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+            return {"epoch": epoch, "loss": totals[0].item() / totals[2].item(),
+                    "accuracy": totals[1].item() / totals[2].item()}
         return {"epoch": epoch, "loss": loss_sum.item() / seen, "accuracy": correct.item() / seen}
 
     def validate(self, x_val: torch.Tensor | None, y_val: torch.Tensor | None) -> dict:
@@ -210,13 +255,93 @@ class TrainingRun:
         self.history.epochs.append(metrics)
         self.last_good = copy.deepcopy(self.final_network.state_dict())
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def rng_state(self) -> dict:
+        """This process's random streams: torch's global one (dropout), shuffle, augmentation, numpy, python."""
+        state = {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(),
+                 "augment": self.augment_rng.get_state()}
+        if self.x.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.x.device)
+        kind, keys, position, has_gauss, cached = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        state["numpy"] = [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]
+        state["python"] = [version, list(internal), gauss_next]
+        return state
+
+    def set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        self.shuffle.set_state(state["shuffle"])
+        self.augment_rng.set_state(state["augment"])
+        if self.x.device.type == "cuda" and state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"], self.x.device)
+        kind, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+    def state(self) -> dict:
+        """All a run needs to continue after its last finished epoch: weights, optimizer, schedule, weight
+        average, every process's random streams, history. Tensors and JSON values only (see ``checkpoint``).
+
+        Under data parallelism every process must call it (the random states are gathered from all of them).
+        """
+        rng = self.rng_state()
+        if self.world_size > 1:
+            as_lists = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in rng.items()}
+            gathered = distributed.all_gather_json(as_lists)
+            rngs = [{k: (torch.tensor(v, dtype=torch.uint8) if k in _GENERATOR_STATES else v)
+                     for k, v in one.items()} for one in gathered]
+        else:
+            rngs = [rng]
+        return {
+            "epoch": self.epochs_done,
+            "step": self.epochs_done * self.steps,
+            "world_size": self.world_size,
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,  # type: ignore[attr-defined]
+            "average": None if self.averaged is None else {
+                "module": self.averaged.module.state_dict(), "updates": self.averaged.updates},
+            "rng": rngs,
+            "history": copy.deepcopy(self.history.epochs),
+            "train_seconds": self.previous_seconds + time.perf_counter() - self.started,
+            "precision": self.history.precision,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue from ``state`` (what ``state()`` returned at the end of an epoch)."""
+        try:
+            if int(state["world_size"]) != self.world_size:
+                raise DeepDigitsError(
+                    f"the checkpoint was written by {state['world_size']} processes; resume it with as many "
+                    f"(this run has {self.world_size})")
+            self.network.load_state_dict(state["network"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])  # type: ignore[attr-defined]
+            if self.averaged is not None:
+                self.averaged.module.load_state_dict(state["average"]["module"], strict=True)
+                self.averaged.updates = int(state["average"]["updates"])
+            self.set_rng_state(state["rng"][self.rank])
+            self.history.epochs = [dict(epoch) for epoch in state["history"]]
+            self.previous_seconds = float(state["train_seconds"])
+        except DeepDigitsError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise DeepDigitsError(f"the checkpoint does not fit this network and recipe ({detail})") from None
+        self.last_good = copy.deepcopy(self.final_network.state_dict())
+
     def finish(self) -> History:
         """The last finished epoch's weights (the averaged ones with ema_decay), in the plain layout, eval mode."""
+        distributed.plain_batch_norm(self.network)
+        self.wrapped = None
         self.network.load_state_dict(self.last_good)
         if self.history.epochs:
             recompute_batch_norm(self.network, self.x)
         self.network.to(memory_format=torch.contiguous_format)
-        self.history.train_seconds = time.perf_counter() - self.started
+        self.history.train_seconds = self.previous_seconds + time.perf_counter() - self.started
         self.network.eval()
         return self.history
 
@@ -244,6 +369,10 @@ def fit(
     verbose: int = 1,
     device: torch.device | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    resume_from: dict | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[int, dict], None] | None = None,
+    distributed_training: bool | None = None,
 ) -> History:
     """Train ``network`` in place on in-memory tensors, shuffling every epoch as Keras's ``fit`` does.
 
@@ -252,27 +381,46 @@ def fit(
     validation uses, and training ends with, the moving average of the weights. ``bf16`` asks for
     bfloat16 autocast, used only where the device computes bfloat16 natively (``device.native_bf16``).
     ``val_loss`` is the loss training minimises (label smoothing included), as Keras reports it.
+
+    Checkpoints: every ``checkpoint_every`` epochs (and after the last) ``on_checkpoint(epoch, state)``
+    gets ``TrainingRun.state()``, before the epoch's summary line is printed; ``resume_from`` takes such
+    a state and trains the remaining epochs, ending with the weights the uninterrupted run would have had.
+
+    Data parallelism: inside an initialised ``torch.distributed`` process group (``torchrun``; see
+    ``deepdigits.distributed``) each process trains on its shard of every batch under
+    DistributedDataParallel; ``distributed_training=False`` trains alone anyway. Only rank 0 prints,
+    validates and calls ``on_checkpoint``; every process must be given the same arguments.
     """
+    world = distributed.current() if distributed_training is not False else None
+    if distributed_training and world is None:
+        raise DeepDigitsError("distributed_training=True needs an initialised torch.distributed process group "
+                              "(start the processes with torchrun; see deepdigits.distributed)")
+    rank = world.rank if world else 0
     run = prepare(network, x, y, optimizer=optimizer, learning_rate=learning_rate, batch_size=batch_size,
                   epochs=epochs, seed=seed, loss=loss, weight_decay=weight_decay, schedule=schedule, augment=augment,
                   label_smoothing=label_smoothing, ema_decay=ema_decay, bf16=bf16, channels_last=channels_last,
-                  verbose=verbose, device=device)
+                  verbose=verbose if rank == 0 else 0, device=device, resume_from=resume_from, world=world)
     if x_val is not None and y_val is not None:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         x_val, y_val = x_val.to(run.x.device).contiguous(memory_format=memory_format), y_val.to(run.x.device)
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(run.epochs_done + 1, epochs + 1):
             epoch_start = time.perf_counter()
             metrics = run.train_epoch(epoch)
-            metrics.update(run.validate(x_val, y_val))
+            if rank == 0:
+                metrics.update(run.validate(x_val, y_val))
             metrics["seconds"] = time.perf_counter() - epoch_start
             run.end_epoch(metrics, learning_rate)
+            if checkpoint_every > 0 and (epoch % checkpoint_every == 0 or epoch == epochs):
+                state = run.state()
+                if rank == 0 and on_checkpoint is not None:
+                    on_checkpoint(epoch, state)
             run.progress.end_epoch(epoch, metrics)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
     except KeyboardInterrupt:
         run.history.interrupted = True
-        if verbose:
+        if verbose and rank == 0:
             print(f"Interrupted: keeping the weights of epoch {len(run.history.epochs)}.", file=sys.stderr)
     finally:
         run.progress.close()
@@ -282,28 +430,46 @@ def fit(
 def prepare(network: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: str, learning_rate: float,
             batch_size: int, epochs: int, seed: int, loss: str, weight_decay: float, schedule: str, augment: bool,
             label_smoothing: float, ema_decay: float, bf16: bool, channels_last: bool, verbose: int,
-            device: torch.device | None) -> TrainingRun:
-    """Check the options, move network and data to the device, and build optimizer, schedule and generators."""
+            device: torch.device | None, resume_from: dict | None = None,
+            world: distributed.World | None = None) -> TrainingRun:
+    """Check the options, move network and data to the device, and build optimizer, schedule and generators.
+
+    With ``resume_from`` the run continues from that state; with ``world`` it is this process's part of a
+    data-parallel run (synchronised batch norm, DistributedDataParallel, its own dropout and augmentation
+    streams; the same shuffle on every process).
+    """
     if len(x) == 0:
         raise DeepDigitsError("training data is empty")
+    rank, world_size = (world.rank, world.world_size) if world else (0, 1)
+    if len(x) < world_size:
+        raise DeepDigitsError(f"{len(x)} training examples cannot be shared by {world_size} processes")
     loss_fn = loss_function(loss, label_smoothing)
     _lookup(SCHEDULES, "schedule", schedule)
-    device = device or default_device()
+    device = (world.device if world else None) or device or default_device()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     network.to(device, memory_format=memory_format)
     x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
     opt = make_optimizer(optimizer, network.parameters(), learning_rate, weight_decay)
-    steps = math.ceil(len(x) / batch_size)
+    steps = steps_per_epoch(len(x), batch_size, world_size)
     scheduler = make_schedule(schedule, opt, learning_rate, epochs * steps)
     averaged = WeightAverage(network, ema_decay) if ema_decay else None
-    shuffle = torch.Generator(device="cpu").manual_seed(seed)
-    augment_rng = torch.Generator(device="cpu").manual_seed(seed + 1)
-    torch.manual_seed(seed)  # dropout masks
+    rank_seed = seed + RANK_SEED_STRIDE * rank
+    shuffle = torch.Generator(device="cpu").manual_seed(seed)  # the same permutation on every process
+    augment_rng = torch.Generator(device="cpu").manual_seed(rank_seed + 1)
+    torch.manual_seed(rank_seed)  # dropout masks
     precision = training_precision(bf16, device)
-    return TrainingRun(
+    run = TrainingRun(
         network=network, x=x, y=y, optimizer=opt, scheduler=scheduler, loss_fn=loss_fn, batch_size=batch_size,
         augment=augment, averaged=averaged,
         autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"),
         progress=ProgressBar(epochs, steps, verbose), shuffle=shuffle, augment_rng=augment_rng,
         history=History(precision=precision), last_good=copy.deepcopy(network.state_dict()),
+        rank=rank, world_size=world_size,
     )
+    if resume_from is not None:
+        run.restore(resume_from)
+    if world is not None:
+        if world_size > 1:
+            distributed.sync_batch_norm(network)
+        run.wrapped = distributed.wrap(network, device)
+    return run
