@@ -1,5 +1,12 @@
 import base64
+import http.client
 import io
+import json
+import logging
+import select
+import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -7,7 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from deepdigits.serve import MAX_BATCH, create_app
+from deepdigits import serve as serve_module
+from deepdigits.predictor import builtin_model
+from deepdigits.serve import LOCAL_HOSTS, MAX_BATCH, HostAllowList, create_app
 from deepdigits.synthetic import render_digit, render_number
 
 
@@ -184,3 +193,607 @@ def test_onnx_runtime_server_agrees(client, seven):
     assert abs(onnx_answer["confidence"] - torch_answer["confidence"]) < 1e-4
     info = onnx_client.get("/api/model").json()
     assert info["name"] == "best-cnn" and info["parameters"] == 150_698 and info["test_metrics"]["accuracy"] > 0.995
+
+
+# --------------------------------------------------------------------------- hostile input (issue 15)
+#
+# A corpus generated here, sent to the routes it concerns: each case must get its status and a JSON
+# 'detail' within 5 s, never the JSON 500 of an unexpected exception, and the server must answer a good
+# image correctly afterwards. Cases over the HTTP layer itself (chunked bodies, slow clients, Host, header
+# size, connection count) run against a real uvicorn server further down.
+
+ROUTES = ("/api/predict", "/api/predict/batch", "/api/read-number")
+ANSWER_WITHIN_S = 5.0
+BIG = "1" + "0" * 400  # an integer of 401 digits
+
+
+def pixels_json(value) -> bytes:
+    return json.dumps({"pixels": value}).encode()
+
+
+def json_parse_cases() -> list[tuple[str, bytes, int, str]]:
+    """JSON refused as a whole (size of numbers, depth, encoding, syntax): the same answer on every route."""
+    return [
+        ("bigint-pixels", ('{"pixels": [' + ",".join([BIG] * 784) + "]}").encode(), 422,
+         "JSON body: a number 401 characters long; at most 32 are accepted"),
+        ("bigint-images", ('{"images": [[' + ",".join([BIG] * 784) + "]]}").encode(), 422, "a number 401 characters"),
+        ("5000-digit-integer", ('{"pixels": [' + "1" * 5000 + "]}").encode(), 422, "a number 5,000 characters long"),
+        ("5000-digit-float", ('{"pixels": [1.' + "0" * 5000 + "]}").encode(), 422, "a number 5,002 characters long"),
+        ("33-digit-integer", ('{"pixels": [' + "9" * 33 + "]}").encode(), 422, "a number 33 characters long"),
+        ("40-digit-exponent", ('{"pixels": [1e' + "9" * 40 + "]}").encode(), 422, "a number 42 characters long"),
+        ("100000-nested-image", b'{"image": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 422,
+         "JSON body: nested more than 8 levels deep"),
+        ("1000000-open-brackets", b'{"pixels": ' + b"[" * 1_000_000, 422, "nested more than 8 levels deep"),
+        ("10000-nested-objects", b'{"a": ' * 10_000 + b"1" + b"}" * 10_000, 422, "nested more than 8 levels deep"),
+        ("9-levels", b'{"pixels": ' + b"[" * 8 + b"0" + b"]" * 8 + b"}", 422, "nested more than 8 levels deep"),
+        ("NaN", b'{"pixels": [NaN]}', 422, "JSON body: NaN is not a JSON number"),
+        ("Infinity", b'{"pixels": [Infinity]}', 422, "Infinity is not a JSON number"),
+        ("-Infinity", b'{"images": [[-Infinity]]}', 422, "-Infinity is not a JSON number"),
+        ("latin-1", b'{"image": "caf\xe9"}', 422, "JSON body: not UTF-8"),
+        ("utf-16", '{"pixels": [1]}'.encode("utf-16"), 422, "JSON body: not UTF-8"),
+        ("utf-8-bom", b"\xef\xbb\xbf{}", 422, "malformed JSON"),
+        ("truncated", b'{"pixels": [1, 2', 422, "malformed JSON"),
+        ("empty", b"", 422, "malformed JSON"),
+        ("trailing-garbage", b"{} x", 422, "malformed JSON"),
+        ("single-quotes", b"{'pixels': [1]}", 422, "malformed JSON"),
+        ("top-level-array", b"[1, 2]", 422, "JSON body must be an object"),
+        ("top-level-string", b'"pixels"', 422, "JSON body must be an object"),
+        ("top-level-null", b"null", 422, "JSON body must be an object"),
+        ("over-the-body-limit", b'{"image": "' + b"A" * 2_100_000 + b'"}', 413, "the limit is 2,000,000"),
+    ]
+
+
+def json_field_cases(route: str) -> list[tuple[str, bytes, int, str]]:
+    """JSON that parses but does not fit the route's fields."""
+    if route == "/api/predict/batch":
+        return [
+            ("images-missing", b'{"image": "AAAA"}', 422, "field 'images': expected a non-empty list"),
+            ("images-empty", b'{"images": []}', 422, "field 'images': expected a non-empty list"),
+            ("images-string", b'{"images": "AAAA"}', 422, "field 'images': expected a non-empty list"),
+            ("65-images", json.dumps({"images": [""] * 65}).encode(), 413, "65 images in one batch; the limit is 64"),
+            ("100000-images", json.dumps({"images": [0] * 100_000}).encode(), 413, "100,000 images in one batch"),
+            ("image-a-number", b'{"images": [5]}', 422, "images[0]: expected a base64 image string or a 28x28 array"),
+            ("image-an-object", b'{"images": [{}]}', 422, "images[0]: expected a base64 image string"),
+            ("pixels-2x2", b'{"images": [[1, 2]]}', 422, "field 'images[0]': expected a 28x28 or 784-value array"),
+            ("not-base64", b'{"images": ["%%%"]}', 422, "field 'images[0]': not valid base64"),
+            ("8-levels", b'{"images": ' + b"[" * 7 + b"0" + b"]" * 7 + b"}", 422, "field 'images[0]': expected"),
+        ]
+    shape = "field 'pixels': expected a 28x28 or 784-value array, got"
+    cases = [
+        ("pixels-2x2", pixels_json([[1, 2], [3, 4]]), 422, f"{shape} a list of 2 values (2 of them lists)"),
+        ("pixels-785", pixels_json([0] * 785), 422, f"{shape} a list of 785 values"),
+        ("pixels-500000", pixels_json([0] * 500_000), 422, f"{shape} a list of 500,000 values"),
+        ("pixels-ragged", pixels_json([[0] * 28] * 27 + [[0] * 27]), 422, f"{shape} 28 rows of [27, 28] values"),
+        ("pixels-object", b'{"pixels": {"0": 1}}', 422, f"{shape} an object"),
+        ("pixels-string", pixels_json("0" * 784), 422, f"{shape} a string"),
+        ("pixels-null", pixels_json(None), 422, f"{shape} null"),
+        ("pixels-8-levels", b'{"pixels": ' + b"[" * 7 + b"0" + b"]" * 7 + b"}", 422, f"{shape} a list of 1 values"),
+        ("pixels-strings", pixels_json(["1"] * 784), 422, "field 'pixels': expected numbers"),
+        ("pixels-booleans", pixels_json([True] * 784), 422, "field 'pixels': expected numbers"),
+        ("pixels-784-lists", pixels_json([[0]] * 784), 422, "field 'pixels': expected numbers"),
+        ("pixels-32-digits", pixels_json([10**31] * 784), 422, "field 'pixels': values must lie in 0-255"),
+        ("pixels-1e999", b'{"pixels": [' + b",".join([b"1e999"] * 784) + b"]}", 422, "values must lie in 0-255"),
+        ("pixels-negative", pixels_json([-1] * 784), 422, "values must lie in 0-255"),
+        ("image-a-number", b'{"image": 5}', 422, "field 'image': expected a base64-encoded image string"),
+        ("image-a-list", b'{"image": [1]}', 422, "field 'image': expected a base64-encoded image string"),
+        ("image-empty", b'{"image": ""}', 422, "field 'image': expected a base64-encoded image string"),
+        ("image-not-base64", b'{"image": "%%%"}', 422, "field 'image': not valid base64"),
+        ("image-lone-surrogate", b'{"image": "\\ud800"}', 422, "field 'image': not valid base64"),
+        ("image-not-an-image", json.dumps({"image": base64.b64encode(b"GIF89a" * 9).decode()}).encode(), 422,
+         "image: "),
+        ("no-field", b'{"other": 1}', 422, "JSON body needs 'image' (base64) or 'pixels'"),
+        ("100000-keys", json.dumps({f"k{i}": 0 for i in range(100_000)}).encode(), 422, "needs 'image'"),
+    ]
+    if route == "/api/read-number":
+        cases.append(("valid-pixels", pixels_json([0] * 784), 422, "read-number needs an image, not a 28x28"))
+    return cases
+
+
+BOUNDARY = "hostile-boundary"
+
+
+def part(name: str = "file", filename: str | None = "a.png", data: bytes = b"x", extra: str = "") -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+    return (f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n{extra}Content-Type: image/png\r\n\r\n"
+            .encode() + data + b"\r\n")
+
+
+def multipart_cases() -> list[tuple[str, str, bytes, str, int, str]]:
+    """(case, route, body, Content-Type, status, detail text)."""
+    kind = f"multipart/form-data; boundary={BOUNDARY}"
+    end = f"--{BOUNDARY}--\r\n".encode()
+    return [
+        ("no-boundary", "/api/predict", part() + end, "multipart/form-data", 422, "no boundary in the Content-Type"),
+        ("garbage", "/api/predict", b"garbage " * 100, kind, 422, "malformed multipart body"),
+        ("no-closing-boundary", "/api/predict", part(), kind, 422, "ends before the closing boundary"),
+        ("cut-in-headers", "/api/read-number", part()[:40], kind, 422, "malformed multipart body"),
+        ("no-filename", "/api/predict", part(filename=None) + end, kind, 422, "no file field 'file'"),
+        ("wrong-field", "/api/read-number", part(name="x") + end, kind, 422, "no file field 'file'"),
+        ("only-closing", "/api/predict", end, kind, 422, "no file field 'file'"),
+        ("100-parts", "/api/predict", b"".join(part(name=f"f{i}") for i in range(100)) + end, kind, 413,
+         "multipart body has over 72 parts"),
+        ("5000-byte-header", "/api/predict", part(extra="X-A: " + "a" * 5000 + "\r\n") + end, kind, 422,
+         "malformed multipart body (Maximum header size exceeded)"),
+        ("10-headers", "/api/predict", part(extra="".join(f"X-{i}: a\r\n" for i in range(10))) + end, kind, 422,
+         "Maximum header count exceeded"),
+        ("300-byte-boundary", "/api/predict", part() + end, 'multipart/form-data; boundary="' + "b" * 300 + '"',
+         422, "malformed multipart body"),
+        ("65-files", "/api/predict/batch", b"".join(part("files", f"{i}.png") for i in range(65)) + end, kind, 413,
+         "65 images in one batch; the limit is 64"),
+        ("empty-file", "/api/predict", part(data=b"") + end, kind, 422, "a.png: empty file"),
+        ("not-an-image", "/api/predict/batch", part("files", "../../etc/passwd", b"GIF89a") + end, kind, 422,
+         "../../etc/passwd: not an image"),
+        ("over-the-body-limit", "/api/predict", part(data=b"0" * 2_100_000) + end, kind, 413, "the limit is"),
+    ]
+
+
+def image_cases() -> list[tuple[str, bytes, str, set[int]]]:
+    """Raw image bodies: refused (422/415) with a detail naming the body, or answered if they are images.
+
+    503 is allowed where the answer depends on the image work's own limits (preprocess, segment): the
+    server's time budget then answers within 5 s whatever those do.
+    """
+
+    def encoded(mode: str, size: tuple[int, int], fmt: str, colour: int = 255) -> bytes:
+        buffer = io.BytesIO()
+        Image.new(mode, size, colour).save(buffer, fmt)
+        return buffer.getvalue()
+
+    grid = np.full((640, 640), 255, np.uint8)  # 6,400 dots: minutes of segmentation before issue 15
+    for y in range(0, 640, 8):
+        for x in range(0, 640, 8):
+            grid[y:y + 4, x:x + 4] = 0
+    white = png_of(np.full((280, 280), 255, np.uint8))
+    gif = bytearray(encoded("L", (10, 10), "GIF"))
+    gif[6:10] = (65535).to_bytes(2, "little") * 2  # a 65535x65535 logical screen
+    bmp = bytearray(encoded("L", (10, 10), "BMP"))
+    bmp[18:26] = (60000).to_bytes(4, "little") * 2
+    deep = np.full((6300, 6300), 65535, np.uint16)  # 92 KB of PNG, ~1 GB to decode before issue 15
+    deep[3000:3300, 3000:3100] = 0
+    refused = {422}
+    return [
+        ("empty", b"", "image/png", refused),
+        ("text", b"not an image", "image/png", refused),
+        ("png-signature-then-zeros", b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, "image/png", refused),
+        ("truncated-png", white[: len(white) // 2], "image/png", refused),
+        ("tiff-garbage", b"II*\x00" + b"\xff" * 100, "image/tiff", refused),
+        ("webp-garbage", b"RIFF\x00\x00\x00\x00WEBPVP8 " + b"\x00" * 50, "image/webp", refused),
+        ("1x1", png_of(np.zeros((1, 1), np.uint8)), "image/png", refused),
+        ("10000x10", png_of(np.zeros((10, 10000), np.uint8)), "image/png", refused),
+        ("gif-65535x65535", bytes(gif), "image/gif", refused),
+        ("bmp-60000x60000", bytes(bmp), "image/bmp", refused),
+        ("6300x6300-16-bit", png_of(deep), "image/png", {422, 503}),
+        ("8000x5000-1-bit", encoded("1", (8000, 5000), "PNG", 1), "image/png", {422, 503}),
+        ("grid-of-6400-dots", png_of(grid), "image/png", {200, 422, 503}),
+        ("svg", b"<svg/>", "image/svg+xml", {415}),
+        ("text-plain", b"1234", "text/plain", {415}),
+        ("form-urlencoded", b"file=1", "application/x-www-form-urlencoded", {415}),
+        ("no-content-type", b"\x89PNG", "", {415}),
+    ]
+
+
+@pytest.fixture
+def no_internal_errors(caplog):
+    """Fails a test in which the server logged an unexpected exception (the JSON 500 path)."""
+    caplog.set_level(logging.ERROR, logger="deepdigits.serve")
+    yield
+    assert [r.getMessage() for r in caplog.records if r.name == "deepdigits.serve"] == []
+
+
+def post_timed(client, route: str, body: bytes, content_type: str):
+    started = time.perf_counter()
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post(route, content=body, headers=headers)
+    elapsed = time.perf_counter() - started
+    assert elapsed < ANSWER_WITHIN_S, f"answered after {elapsed:.1f} s"
+    assert response.headers["content-type"] == "application/json"
+    return response
+
+
+JSON_PARSE_CASES = json_parse_cases()
+JSON_FIELD_CASES = [(route, *case) for route in ROUTES for case in json_field_cases(route)]
+MULTIPART_CASES = multipart_cases()
+IMAGE_CASES = image_cases()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(("case", "body", "status", "text"), JSON_PARSE_CASES, ids=[c[0] for c in JSON_PARSE_CASES])
+def test_hostile_json_is_refused_on_every_route(client, no_internal_errors, route, case, body, status, text):
+    response = post_timed(client, route, body, "application/json")
+    assert (response.status_code, text in response.json()["detail"]) == (status, True), response.text[:300]
+
+
+@pytest.mark.parametrize(("route", "case", "body", "status", "text"), JSON_FIELD_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in JSON_FIELD_CASES])
+def test_json_not_fitting_the_fields_is_4xx(client, no_internal_errors, route, case, body, status, text):
+    response = post_timed(client, route, body, "application/json")
+    assert (response.status_code, text in response.json()["detail"]) == (status, True), response.text[:300]
+
+
+@pytest.mark.parametrize(("case", "route", "body", "content_type", "status", "text"), MULTIPART_CASES,
+                         ids=[c[0] for c in MULTIPART_CASES])
+def test_hostile_multipart_is_4xx(client, no_internal_errors, case, route, body, content_type, status, text):
+    response = post_timed(client, route, body, content_type)
+    assert (response.status_code, text in response.json()["detail"]) == (status, True), response.text[:300]
+
+
+@pytest.mark.parametrize("route", ["/api/predict", "/api/read-number"])
+@pytest.mark.parametrize(("case", "body", "content_type", "statuses"), IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
+def test_hostile_images_are_answered_in_time(client, no_internal_errors, route, case, body, content_type, statuses):
+    response = post_timed(client, route, body, content_type)
+    assert response.status_code in statuses, response.text[:300]
+    if response.status_code == 422:
+        assert response.json()["detail"].startswith("body: ")
+    if response.status_code == 503:
+        assert response.headers["retry-after"] == "1"
+
+
+def test_a_good_image_after_the_corpus(client, seven):
+    response = client.post("/api/predict", content=seven, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200
+    check_prediction(response.json(), 7)
+
+
+# --------------------------------------------------------------------------- bounded work, JSON 500
+
+
+@pytest.fixture
+def slow_images(monkeypatch):
+    """Image preparation that waits for the returned event (at most 10 s) before doing its work."""
+    release = threading.Event()
+    started = threading.Event()
+    real = serve_module.prepare_images
+
+    def slow(items):
+        started.set()
+        release.wait(10)
+        return real(items)
+
+    monkeypatch.setattr(serve_module, "prepare_images", slow)
+    yield started, release
+    release.set()
+
+
+def test_heavy_work_over_the_cap_is_503_with_retry_after(slow_images, seven):
+    started, release = slow_images
+    one_at_a_time = TestClient(create_app(builtin_model(), heavy_slots=1, heavy_queue=0))
+    post = lambda: one_at_a_time.post("/api/predict", content=seven, headers={"Content-Type": "image/jpeg"})  # noqa: E731
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post)
+        assert started.wait(10)
+        began = time.perf_counter()
+        refused = post()
+        assert time.perf_counter() - began < 1  # refused at once, not queued
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["detail"].startswith("busy: 1 requests are in progress or waiting")
+        release.set()
+        assert first.result(10).json()["digit"] == 7
+    assert post().json()["digit"] == 7
+
+
+def test_work_past_the_time_budget_is_503_and_still_bounded(slow_images, seven):
+    _started, release = slow_images
+    app = create_app(builtin_model(), heavy_slots=1, heavy_queue=1, work_timeout=0.5)
+    client = TestClient(app)
+    post = lambda: client.post("/api/predict", content=seven, headers={"Content-Type": "image/jpeg"})  # noqa: E731
+    began = time.perf_counter()
+    late = post()
+    assert 0.5 <= time.perf_counter() - began < 2
+    assert late.status_code == 503 and late.headers["retry-after"] == "1"
+    assert late.json()["detail"].startswith("busy: this request was not done within 0.5 s")
+    # The abandoned job runs on and keeps its thread: a second request waits, times out, and leaves the
+    # last ticket taken; a third is refused at once. Total work stays one job, whatever the clients do.
+    assert post().status_code == 503
+    began = time.perf_counter()
+    assert "requests are in progress or waiting" in post().json()["detail"]
+    assert time.perf_counter() - began < 0.5
+    release.set()
+    deadline = time.time() + 10
+    while (response := post()).status_code == 503 and time.time() < deadline:
+        time.sleep(0.1)
+    assert response.json()["digit"] == 7
+
+
+def test_an_unexpected_exception_is_a_json_500_and_one_log_line(client, monkeypatch, caplog, seven):
+    def broken(items):
+        raise RuntimeError("secret detail\n/home/someone/path.py line 1")
+
+    monkeypatch.setattr(serve_module, "prepare_images", broken)
+    caplog.set_level(logging.ERROR, logger="deepdigits.serve")
+    response = client.post("/api/predict", content=seven, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 500 and response.json() == {"detail": "internal error"}
+    records = [r for r in caplog.records if r.name == "deepdigits.serve"]
+    assert len(records) == 1 and records[0].exc_info is None and "\n" not in records[0].getMessage()
+    assert records[0].getMessage().startswith("internal error answering POST /api/predict: RuntimeError: secret")
+    monkeypatch.undo()
+    assert client.post("/api/predict", content=seven, headers={"Content-Type": "image/jpeg"}).json()["digit"] == 7
+
+
+def test_bodies_over_the_memory_budget_are_503(seven):
+    budget = TestClient(create_app(builtin_model(), max_buffered_bytes=len(seven) - 1))
+    response = budget.post("/api/predict", content=seven, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["detail"] == "busy: too many uploads in progress; try again in 1 s"
+    enough = TestClient(create_app(builtin_model(), max_buffered_bytes=len(seven)))
+    for _ in range(3):  # what a request held is given back when it is answered
+        assert enough.post("/api/predict", content=seven, headers={"Content-Type": "image/jpeg"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("names", "host", "allowed"),
+    [
+        (LOCAL_HOSTS, "localhost:8000", True),
+        (LOCAL_HOSTS, "LOCALHOST.", True),
+        (LOCAL_HOSTS, "127.0.0.1", True),
+        (LOCAL_HOSTS, "[::1]:8000", True),
+        (LOCAL_HOSTS, "attacker.example", False),
+        (LOCAL_HOSTS, "attacker.example:8000", False),
+        (LOCAL_HOSTS, "localhost.attacker.example", False),
+        (LOCAL_HOSTS, "127.0.0.1.nip.io", False),
+        (LOCAL_HOSTS, "localhost:80@attacker.example", False),
+        (LOCAL_HOSTS, "localhost:abc", False),
+        (LOCAL_HOSTS, "[::1", False),
+        (LOCAL_HOSTS, "10.0.0.5", False),
+        (LOCAL_HOSTS, "", False),
+        ((*LOCAL_HOSTS, "digits.example"), "Digits.Example:8000", True),
+        ((*LOCAL_HOSTS, "0.0.0.0"), "192.168.1.5:8000", True),
+        ((*LOCAL_HOSTS, "0.0.0.0"), "[fe80::1]:8000", True),
+        ((*LOCAL_HOSTS, "0.0.0.0"), "attacker.example", False),
+        (("*",), "anything.example", True),
+    ],
+)
+def test_host_allow_list(names, host, allowed):
+    scope = {"client": ("127.0.0.1", 5000), "headers": [(b"host", host.encode())]}
+    assert (HostAllowList(names).problem(scope) is None) == allowed
+
+
+# --------------------------------------------------------------------------- the real server: the HTTP layer
+#
+# uvicorn on a free loopback port in a thread, as `deepdigits serve` runs it, with short timeouts so that the
+# slow-client cases take about a second: header timeout 1 s, body timeout 1 s, at most 40 connections.
+
+LIVE_TIMEOUT_S = 1.0
+LIVE_CONNECTIONS = 40
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def live():
+    import uvicorn
+
+    app = create_app(builtin_model(), max_upload_bytes=2_000_000, body_timeout=LIVE_TIMEOUT_S,
+                     allowed_hosts=[*LOCAL_HOSTS, "digits.example"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = serve_module.server_config(app, "127.0.0.1", port, header_timeout=LIVE_TIMEOUT_S,
+                                        max_connections=LIVE_CONNECTIONS)
+    server = uvicorn.Server(config)
+    records = Records()
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "asyncio", "deepdigits.serve")]
+    for logger in loggers:
+        logger.addHandler(records)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield port, records.records
+    server.should_exit = True
+    thread.join(10)
+    for logger in loggers:
+        logger.removeHandler(records)
+
+
+def assert_healthy(live, seven):
+    """The server still answers a good image correctly, and logged no traceback and no internal error."""
+    port, records = live
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    connection.request("POST", "/api/predict", body=seven, headers={"Content-Type": "image/jpeg"})
+    response = connection.getresponse()
+    assert response.status == 200
+    check_prediction(json.loads(response.read()), 7)
+    connection.close()
+    assert [r.getMessage() for r in records if r.exc_info or r.name == "deepdigits.serve"] == []
+
+
+def read_answer(sock: socket.socket, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes, bool]:
+    """(status, headers, body, closed) of the one answer on a raw socket; closed: the server closed after it."""
+    sock.settimeout(timeout)
+    data = b""
+    closed = False
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:  # the answer was read before the reset, or there was none
+            closed = True
+            break
+        if not chunk:
+            closed = True
+            break
+        data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), None)
+        if length is not None and len(body) >= length and b"connection: close" not in head.lower():
+            break
+    if not data:
+        return 0, {}, b"", closed
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body, closed
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def process_rss() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.parametrize("content_type", [f"multipart/form-data; boundary={BOUNDARY}", "image/png",
+                                          "application/json"])
+def test_live_chunked_upload_over_the_limit_is_413_after_the_limit(live, seven, content_type):
+    port, _ = live
+    before = process_rss()
+    began = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nTransfer-Encoding: chunked\r\n"
+                     f"Content-Type: {content_type}\r\n\r\n".encode() + chunk(part(data=b"")[:-2]))
+        sent, block = 0, chunk(b"0" * 65536)
+        while sent < 400 * 2**20 and not select.select([sock], [], [], 0)[0]:  # until the answer comes
+            try:
+                sock.sendall(block)
+            except OSError:  # the server closed the connection (after answering)
+                break
+            sent += 65536
+            assert time.perf_counter() - began < ANSWER_WITHIN_S
+        status, headers, body, closed = read_answer(sock)
+    assert status == 413 and headers["connection"] == "close" and closed
+    assert json.loads(body)["detail"] == "request body is over the limit of 2,000,000 bytes"
+    assert time.perf_counter() - began < ANSWER_WITHIN_S
+    assert sent < 32 * 2**20  # 2 MB read, the rest in socket buffers: not 400 MB
+    assert process_rss() - before < 64 * 2**20
+    assert_healthy(live, seven)
+
+
+def test_live_declared_length_over_the_limit_is_413_before_any_body(live, seven):
+    port, _ = live
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"POST /api/predict/batch HTTP/1.1\r\nHost: localhost:{port}\r\nContent-Type: image/png\r\n"
+                     "Content-Length: 400000000\r\nExpect: 100-continue\r\n\r\n".encode())
+        status, headers, body, closed = read_answer(sock)
+    assert status == 413 and headers["connection"] == "close" and closed  # no "100 Continue" came first
+    assert json.loads(body)["detail"] == "request body is 400,000,000 bytes; the limit is 2,000,000"
+    assert_healthy(live, seven)
+
+
+def test_live_slow_headers_are_cut_off(live, seven):
+    port, _ = live
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(10)]
+    partial = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(10)]
+    for sock in partial:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+    kept = socket.create_connection(("127.0.0.1", port), timeout=5)  # slow headers after a first answer
+    kept.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    assert read_answer(kept)[0] == 200
+    kept.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+    began = time.perf_counter()
+    answers = [read_answer(sock) for sock in [*silent, *partial, kept]]
+    assert time.perf_counter() - began < LIVE_TIMEOUT_S + 2
+    assert all(closed for *_, closed in answers)
+    assert [status for status, *_ in answers] == [0] * 10 + [408] * 11  # silent ones are just closed
+    assert json.loads(answers[-1][2])["detail"] == "the request headers did not arrive within 1 s"
+    for sock in [*silent, *partial, kept]:
+        sock.close()
+    assert_healthy(live, seven)
+
+
+@pytest.mark.parametrize("trickle", [False, True])
+def test_live_slow_body_is_408(live, seven, trickle):
+    port, _ = live
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\n"
+                     "Content-Length: 1000\r\n\r\n\x89PNG".encode())
+        began = time.perf_counter()
+        while trickle and not select.select([sock], [], [], 0.1)[0]:  # a byte every 0.1 s: never idle
+            sock.sendall(b"0")
+            assert time.perf_counter() - began < LIVE_TIMEOUT_S + 2
+        status, headers, body, closed = read_answer(sock)
+    assert status == 408 and headers["connection"] == "close" and closed
+    assert json.loads(body)["detail"] == "the request body did not arrive within 1 s"
+    assert LIVE_TIMEOUT_S - 0.1 < time.perf_counter() - began < LIVE_TIMEOUT_S + 2
+    assert_healthy(live, seven)
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("attacker.example", 400), ("attacker.example:80", 400), ("localhost.attacker.example", 400),
+     ("localhost", 200), ("127.0.0.1", 200), ("[::1]", 200), ("digits.example", 200), ("DIGITS.EXAMPLE.", 200)],
+)
+def test_live_host_allow_list(live, seven, host, status):
+    port, _ = live
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    connection.request("POST", "/api/predict", body=seven,
+                       headers={"Host": host if host.endswith("0") else f"{host}:{port}", "Content-Type": "image/jpeg"})
+    response = connection.getresponse()
+    body = json.loads(response.read())
+    assert response.status == status and response.getheader("content-type") == "application/json"
+    if status == 400:  # refused before the body was read: the connection is closed
+        assert body["detail"].startswith(f"Host '{host}") and "--allow-host" in body["detail"]
+        assert response.getheader("connection") == "close"
+    else:
+        assert body["digit"] == 7
+    connection.close()
+    assert_healthy(live, seven)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "text"),
+    [(b"GET /healthz HTTP/1.0\r\n\r\n", 400, "the request has no Host header"),
+     (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431,
+      "request headers of 20,"),
+     (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 400_000 + b"\r\n\r\n", 400,
+      "malformed HTTP request"),
+     (b"GET /" + b"a" * 17_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 431, "request headers of 17,"),
+     (b"HELLO\r\n\r\n", 400, "malformed HTTP request"),
+     (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: -5\r\n\r\n", 400, "malformed HTTP request"),
+     (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "malformed HTTP request")],
+    ids=["no-host", "20-KB-header-in-one-read", "400-KB-header", "17-KB-path", "garbage-request-line",
+         "negative-length", "two-hosts"],
+)
+def test_live_malformed_requests_are_4xx_json(live, seven, request_bytes, status, text):
+    port, _ = live
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        answer, headers, body, closed = read_answer(sock)
+    assert answer == status and headers["content-type"] == "application/json" and closed
+    assert text in json.loads(body)["detail"]
+    assert_healthy(live, seven)
+
+
+def test_live_connections_over_the_cap_are_503(live, seven):
+    port, _ = live
+    time.sleep(LIVE_TIMEOUT_S + 0.5)  # connections of earlier tests are gone
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(LIVE_CONNECTIONS)]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+        status, headers, body, closed = read_answer(extra)
+    assert status == 503 and headers["retry-after"] == "1" and closed
+    assert json.loads(body)["detail"] == f"busy: {LIVE_CONNECTIONS} connections are open; try again in 1 s"
+    for sock in held:
+        sock.close()
+    time.sleep(0.2)
+    assert_healthy(live, seven)
+
+
+def test_live_hostile_json_keeps_the_connection(live, seven):
+    port, _ = live
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    bodies = [body for case, body, _, _ in JSON_PARSE_CASES if case in ("bigint-pixels", "100000-nested-image",
+                                                                         "5000-digit-integer")]
+    for route in ROUTES:
+        for body in bodies:
+            connection.request("POST", route, body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 422 and response.getheader("connection") is None
+            assert json.loads(response.read())["detail"].startswith("JSON body: ")
+            sock = connection.sock
+    connection.request("POST", "/api/predict", body=json.dumps({"pixels": [0] * 784}).encode(),
+                       headers={"Content-Type": "application/json"})
+    assert connection.getresponse().status == 200 and connection.sock is sock  # one connection throughout
+    connection.close()
+    assert_healthy(live, seven)

@@ -599,6 +599,10 @@ def add_serve(commands) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                        help="answer with PyTorch (default) or ONNX Runtime")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="also answer requests whose Host header is NAME (repeatable; '*' for any). By default "
+                       "only localhost, 127.0.0.1, [::1] and the --host address are answered (any IP address when "
+                       "--host is 0.0.0.0 or ::), which keeps web pages using DNS rebinding out")
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -606,7 +610,7 @@ def cmd_serve(args) -> int:
     _check_range("--port", args.port, 1, 65535)
     from .serve import serve
 
-    serve(args.model, host=args.host, port=args.port, runtime=args.runtime)
+    serve(args.model, host=args.host, port=args.port, runtime=args.runtime, allow_hosts=args.allow_host)
     return 0
 
 
