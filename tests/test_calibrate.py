@@ -175,3 +175,29 @@ def test_a_cleanly_drawn_digit_reads_at_least_98_percent(mnist):
     rng = np.random.default_rng(0)
     answer = predict_digit(render_digit(mnist.x_test[0], rng))
     assert answer.digit == 7 and answer.confidence >= 0.98
+
+
+def test_reliability_diagram_in_plot_and_report(mnist, data_root, tmp_path):
+    from deepdigits.cli import main
+    from deepdigits.plots import make_figure
+    from deepdigits.report import build_report
+
+    clf = Classifier("tutorial-002", seed=0)
+    clf.fit(mnist.x_train[:2000], mnist.y_train[:2000], epochs=1, batch_size=32, verbose=0)
+    clf.calibrate(mnist.x_train[2000:3000], mnist.y_train[2000:3000],
+                  fit_on={"dataset": "mnist", "split": "train", "start": 2000, "stop": 3000, "seen_in_training": False})
+
+    class Subset:
+        name, x_test, y_test = "mnist", mnist.x_test[:1000], mnist.y_test[:1000]
+
+    figure = make_figure("calibration", clf, Subset())
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles[0].startswith("Before calibration (T = 1)") and f"T = {clf.temperature:.3f}" in titles[1]
+    assert figure.axes[0].get_ylabel() == "Accuracy" and figure.axes[2].get_ylabel() == "Images"
+    text = build_report(clf, Subset())
+    assert 'id="calibration"' in text and 'alt="reliability diagram"' in text
+    assert "training images 2,000-2,999 (1,000 images, which training did not see)" in text
+    path = clf.save(tmp_path / "b")
+    assert main(["plot", "calibration", str(path), "--out", str(tmp_path / "c.png"),
+                 "--data-dir", str(data_root)]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 20_000

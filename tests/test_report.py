@@ -30,7 +30,7 @@ def report_file(bundle, data_root, tmp_path_factory):
 
 def test_report_is_self_contained(report_file):
     text = report_file.read_text()
-    for section in ("summary", "recipe", "curves", "metrics", "confusion", "mistakes", "evidence"):
+    for section in ("summary", "recipe", "curves", "metrics", "confusion", "calibration", "mistakes", "evidence"):
         assert f'id="{section}"' in text
     assert "Total params: 407,050" in text
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', text)
@@ -60,7 +60,7 @@ def test_report_renders_in_headless_chromium(report_file):
         page.goto(report_file.as_uri())
         headings = page.locator("section h2").all_inner_texts()
         assert headings == ["Model", "How it was trained", "Training curves", "Test metrics", "Confusion matrix",
-                            "Most confident mistakes", "Evidence maps"]
+                            "Calibration", "Most confident mistakes", "Evidence maps"]
         widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
         assert len(widths) >= 6 and all(w > 100 for w in widths)
         # reads well on a laptop: nothing wider than the window

@@ -1,4 +1,4 @@
-"""Figures with matplotlib: image grids, training curves, confusion matrices; each returns a Figure.
+"""Figures with matplotlib: image grids, training curves, confusion matrices, reliability; each returns a Figure.
 
 Figures are made with ``matplotlib.figure.Figure``, not pyplot: drawing or saving never switches the
 user's matplotlib backend, and matplotlib is imported only when a figure is first drawn.
@@ -277,6 +277,67 @@ def crossval_scores(scores: Sequence[float]) -> Figure:
     return figure
 
 
+def reliability_diagram(probabilities: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
+                        title: str = "Reliability") -> Figure:
+    """Accuracy against confidence in 15 equal-width bins, before calibration (T = 1) and after (T).
+
+    ``probabilities`` are the calibrated ones (``predict_proba``). A black line marks each bin's accuracy,
+    the shaded part is the gap to its mean confidence (red: over-confident, orange: under-confident); the
+    panels below count the images in each bin (log scale).
+    """
+    from .calibrate import N_BINS, calibration_metrics, logits_of, reliability_bins, softmax
+
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    scores = calibration_metrics(probabilities, labels, temperature)
+    before = softmax(logits_of(probabilities), 1.0 / temperature) if temperature != 1.0 else probabilities
+    figure = _new_figure((11, 6.6))
+    axes = figure.subplots(2, 2, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    panels = ((before, "Before calibration (T = 1)", "_uncalibrated"),
+              (probabilities, f"After: temperature T = {temperature:.3f}", ""))
+    width = 1.0 / N_BINS
+    for column, (p, heading, suffix) in enumerate(panels):
+        bins = reliability_bins(p, labels)
+        left = bins["edges"][:-1]
+        filled = bins["counts"] > 0
+        accuracy = np.where(filled, bins["accuracy"], 0.0)
+        confidence = np.where(filled, bins["confidence"], 0.0)
+        low = np.minimum(accuracy, confidence)
+        ax, count_ax = axes[0, column], axes[1, column]
+        ax.bar(left, low, width=width, align="edge", color="tab:blue", alpha=0.8, edgecolor="white")
+        for mask, colour in ((confidence > accuracy, "tab:red"), (confidence < accuracy, "tab:orange")):
+            mask = mask & filled
+            ax.bar(left[mask], np.abs(confidence - accuracy)[mask], bottom=low[mask], width=width, align="edge",
+                   color=colour, alpha=0.35, hatch="//", edgecolor=colour)
+        ax.hlines(accuracy[filled], left[filled], left[filled] + width, color="black", linewidth=1.5)
+        ax.plot([0, 1], [0, 1], "--", color="grey")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("Accuracy")
+        ax.set_title(f"{heading}\nECE {scores['ece' + suffix] * 100:.2f}%, NLL {scores['nll' + suffix]:.4f}, "
+                     f"Brier {scores['brier' + suffix]:.4f}", fontsize=10)
+        ax.grid(alpha=0.3)
+        count_ax.bar(left, bins["counts"], width=width, align="edge", color="tab:grey", edgecolor="white")
+        count_ax.set_yscale("symlog", linthresh=1)
+        count_ax.set_ylim(0, max(10.0, float(bins["counts"].max()) * 8))
+        for x, n in zip(left[filled], bins["counts"][filled], strict=True):
+            count_ax.text(x + width / 2, n, f"{n:,}", ha="center", va="bottom", fontsize=6.5)
+        count_ax.set_xlabel("Confidence (probability of the predicted class)")
+        count_ax.set_ylabel("Images")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Line2D([], [], color="black", linewidth=1.5, label="accuracy of the bin"),
+               Line2D([], [], color="grey", linestyle="--", label="perfect calibration"),
+               Patch(facecolor="tab:red", alpha=0.35, hatch="//", edgecolor="tab:red",
+                     label="gap: over-confident (confidence above accuracy)"),
+               Patch(facecolor="tab:orange", alpha=0.35, hatch="//", edgecolor="tab:orange",
+                     label="gap: under-confident")]
+    figure.suptitle(f"{title}: {len(probabilities):,} images, {N_BINS} bins")
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8.5, frameon=False)
+    return figure
+
+
 FIGURE_KINDS = {
     "curves": "training and validation accuracy and loss per epoch (from the bundle's history)",
     "predictions": "a grid of test images titled 'Predicted: X  Label: Y', mistakes in red",
@@ -285,6 +346,7 @@ FIGURE_KINDS = {
     "evidence": "per-class 28x28 evidence maps (networks whose first layer is dense)",
     "saliency": "gradient of the predicted class's score with respect to one test image",
     "probabilities": "one test image beside its 10 class probabilities",
+    "calibration": "reliability diagram: accuracy against confidence per bin, before and after the temperature",
 }
 
 
@@ -308,13 +370,17 @@ def make_figure(kind: str, classifier, dataset=None, index: int = 0, count: int 
     if kind in ("saliency", "probabilities") and not 0 <= index < len(images):
         raise DeepDigitsError(f"--index: expected 0-{len(images) - 1}, got {index}")
     if kind == "saliency":
-        gradient, cls, probability = saliency_map(classifier.network, classifier._tensor(images[index]))
+        gradient, cls, _ = saliency_map(classifier.network, classifier._tensor(images[index]))
+        probability = float(classifier.predict_proba(images[index : index + 1])[0, cls])  # calibrated, as answered
         return saliency_figure(images[index], gradient, names[labels[index]], names[cls], probability)
     if probabilities is None:
         probabilities = classifier.predict_proba(images)
     predicted = probabilities.argmax(axis=1)
     if kind == "probabilities":
         return probability_bars(images[index], probabilities[index], names, names[labels[index]])
+    if kind == "calibration":
+        return reliability_diagram(probabilities, labels, getattr(classifier, "temperature", 1.0),
+                                   f"{classifier.architecture} on the {getattr(dataset, 'name', '')} test set")
     if kind == "predictions":
         chosen = slice(index, index + count)
         return predictions_grid(images[chosen], predicted[chosen], labels[chosen], names)
