@@ -162,6 +162,7 @@ def test_train_says_each_setting_once_and_correctly(capsys, data_root, tmp_path)
     assert "epoch" not in recipe_line and "Settings: 1 epoch (recipe: 5), batch size 128" in settings_line
     # Keras-style progress: the epoch header, then steps, time per step and metrics named as Keras names them
     assert "Epoch 1/1" in err
-    assert any(line.startswith("469/469 ━") and "ms/step - accuracy: " in line and " - loss: " in line
+    # 55,000 images (the last 5,000 are held out to calibrate) in batches of 128: 430 steps
+    assert any(line.startswith("430/430 ━") and "ms/step - accuracy: " in line and " - loss: " in line
                for line in err.splitlines())
-    assert "0/469" not in err and "0.0000" not in err  # nothing shown before the first step
+    assert "0/430" not in err and "0.0000" not in err  # nothing shown before the first step
