@@ -154,3 +154,15 @@ def test_steps_leave_no_process_without_examples():
     assert steps_per_epoch(1002, 100, 2) == 11
     assert distributed.current() is None  # outside a process group nothing is distributed
     assert distributed.backend_for_this_machine() == ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def test_processes_pass_the_same_command_line_on():
+    from deepdigits.cli import _train_argv, build_parser
+
+    argv = ["train", "--recipe", "fast", "--epochs", "3", "--lr", "0.0125", "--seed", "4", "--data-dir", "d",
+            "--checkpoint-every", "2", "--keep-checkpoints", "--quiet", "--processes", "2"]
+    args = build_parser().parse_args(argv)
+    again = build_parser().parse_args(_train_argv(args, Path("runs/x")))
+    assert again.processes is None and again.out == "runs/x"
+    assert {k: v for k, v in vars(again).items() if k not in ("processes", "out", "handler")} == {
+        k: v for k, v in vars(args).items() if k not in ("processes", "out", "handler")}

@@ -257,12 +257,15 @@ def launch(nprocs: int, argv: list[str]) -> int:
 
     Each process gets one thread (torchrun's default when it starts several). Returns the exit status.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(["--standalone", f"--nproc-per-node={nprocs}", "--module", "deepdigits", *argv])
     try:
         run(args)
+    except SignalException:  # Ctrl-C: the processes were stopped; rank 0 saved what it could
+        return 130
     except ChildFailedError as exc:
         failures = exc.failures
         first = failures[min(failures)] if failures else None
