@@ -5,7 +5,9 @@ calls ``train_recipe``, which joins the process group torchrun describes in the 
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): gloo on the CPU, NCCL on CUDA. Users who
 start processes themselves set those variables (or call ``torch.distributed.init_process_group``) and
 call ``train_recipe`` (or ``Classifier.fit``) in each with the same arguments; every process ends with
-the same weights, and only rank 0 prints, validates and writes checkpoints.
+the same weights, and only rank 0 prints, validates and writes checkpoints. Every process reads the
+checkpoint it resumes from, so across machines its folder must be on a filesystem all of them see, and the
+run resumes with as many processes as wrote it (each process's random streams are in it).
 """
 
 from __future__ import annotations
