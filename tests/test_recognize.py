@@ -87,8 +87,9 @@ def test_predict_files_table_and_json(capsys, photos):
     assert [r.split()[1] for r in rows] == ["7", "2", "1", "0"]
     code, out, _ = run(capsys, "predict", photos / "digit0.jpg", "--json")
     (row,) = json_lines(out)
-    assert set(row) == {"file", "digit", "confidence", "top", "unsure", "probabilities"}
+    assert set(row) == {"file", "digit", "confidence", "top", "unsure", "not_a_digit", "reason", "probabilities"}
     assert row["digit"] == 7 and len(row["top"]) == 3 and row["unsure"] is False
+    assert row["not_a_digit"] is False and row["reason"] is None
 
 
 def test_predict_glob_and_dir(capsys, photos):

@@ -425,16 +425,27 @@ def cmd_predict(args) -> int:
     if args.json:
         for r in results:
             row = r.to_dict()
-            _print_json_line({k: row[k] for k in ("file", "digit", "confidence", "top", "unsure", "probabilities")})
+            _print_json_line({k: row[k] for k in ("file", "digit", "confidence", "top", "unsure", "not_a_digit",
+                                                  "reason", "probabilities")})
     elif results:
         width = max(len("file"), *(len(r.name) for r in results))
         print(f"{'file':<{width}}  digit  confidence  top {args.top}")
         for r in results:
             p = r.prediction
+            if p.not_a_digit:  # an answer, not an error: the exit status stays 0
+                print(f"{r.name:<{width}}  not a digit ({_reason_text(p.reason)})")
+                continue
             top = ", ".join(f"{d} {q:.2f}" for d, q in p.top)
             flag = "  unsure" if p.unsure else ""
             print(f"{r.name:<{width}}  {p.class_name:>5}  {p.confidence:>10.3f}  {top}{flag}")
     return 1 if failures else 0
+
+
+def _reason_text(reason: str | None) -> str:
+    """Why an image is not a digit, as the CLI says it: several digits name the option that reads them."""
+    from .outliers import SEVERAL
+
+    return f"{reason} (--number)" if reason == SEVERAL else str(reason)
 
 
 def _predict_numbers(args, files: list[str], predictor) -> int:
@@ -458,7 +469,11 @@ def _predict_numbers(args, files: list[str], predictor) -> int:
         if args.json:
             _print_json_line({"file": file, **reading.to_dict()})
             continue
-        confidences = " ".join(f"{d.class_name}:{d.confidence:.2f}" for d in reading.digits)
+        if reading.not_a_digit:
+            print(f"{file}  not a number ({reading.reason})")
+            continue
+        confidences = " ".join(f"{d.class_name}:{d.confidence:.2f}" if d.class_name is not None
+                               else f"?:{d.reason}" for d in reading.digits)
         flag = "  (unsure)" if reading.unsure else ""
         print(f"{file}  {reading.number}{flag}   [{confidences}]")
     if args.overlay and failures < len(files) and not args.json:

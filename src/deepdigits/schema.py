@@ -164,6 +164,58 @@ class Calibration(_Open):
     note: Text | None = None
 
 
+MAX_OPEN_SET_INPUTS = 1 << 16  # inputs of an open_set head (the built-in model's reads 1,172)
+Numbers = Annotated[list[Number], Field(max_length=MAX_OPEN_SET_INPUTS)]
+Positive = Annotated[Number, _range(0, math.inf, low_open=True)]
+Positives = Annotated[list[Positive], Field(max_length=MAX_OPEN_SET_INPUTS)]
+
+
+class OpenSetHead(_Open):
+    """A logistic regression over standardised inputs: not a digit where ``weights . x + bias > threshold``."""
+
+    inputs: ShortText | None = None
+    mean: Numbers
+    scale: Positives
+    weights: Numbers
+    bias: Number
+    threshold: Number
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> OpenSetHead:
+        if not len(self.mean) == len(self.scale) == len(self.weights):
+            raise PydanticCustomError("open_set_head", "field 'open_set.head': expected mean, scale and weights "
+                                      "of one length")
+        return self
+
+
+class OpenSetReasons(_Open):
+    """A multinomial logistic regression naming why an input is not a digit: one row of weights per reason."""
+
+    classes: Annotated[list[ShortText], Field(min_length=1, max_length=32)]
+    mean: Numbers
+    scale: Positives
+    weights: Annotated[list[Numbers], Field(max_length=32)]
+    bias: Annotated[list[Number], Field(max_length=32)]
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> OpenSetReasons:
+        if not (len(self.classes) == len(self.weights) == len(self.bias) and len(self.mean) == len(self.scale)
+                and all(len(row) == len(self.mean) for row in self.weights)):
+            raise PydanticCustomError("open_set_reasons", "field 'open_set.reasons': expected one row of weights "
+                                      "and one bias per class, each row as long as mean and scale")
+        return self
+
+
+class OpenSet(_Open):
+    """When an input is not a digit (``deepdigits.outliers``): cheap-check thresholds, a learned head, reasons."""
+
+    version: Literal[1] = 1
+    checks: Annotated[dict[ShortText, Number], Field(max_length=64)] | None = None
+    head: OpenSetHead | None = None
+    reasons: OpenSetReasons | None = None
+    fit: dict[ShortText, Any] | None = None  # how it was fit and what it measured on held-out images
+
+
 class BundleDocument(_Open):
     """``model.json``: what ``Classifier.metadata()`` writes, plus format, version and the weights' checksum."""
 
@@ -186,6 +238,7 @@ class BundleDocument(_Open):
     precision: ShortText | None = None
     metrics: Metrics | None = None
     calibration: Calibration | None = None  # absent or null: probabilities are softmax(logits), T = 1
+    open_set: OpenSet | None = None  # absent: only the cheap not-a-digit checks, with their default thresholds
     versions: Annotated[dict[ShortText, ShortText], Field(max_length=32)] | None = None
     created: ShortText | None = None
     command: Annotated[str, Field(max_length=65536)] | None = None
