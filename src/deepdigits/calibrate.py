@@ -7,7 +7,11 @@ import math
 import numpy as np
 
 N_BINS = 15  # equal-width confidence bins of the expected calibration error, as Guo et al.
-HOLDOUT = 5000  # training images held out for calibration when a recipe has no validation split
+# Training images held out for calibration when a recipe has no validation split. Measured on `fast`, 5 seeds
+# (test accuracy, then test ECE after T): trained on all 60,000 99.03% (mean); holding out the last 5,000 98.94%,
+# ECE 0.21-0.35%; the last 2,000 99.05%, ECE 0.16-0.50%; the last 1,000 98.98%, ECE 0.25-0.59%. On the
+# built-in model's logits a T fit on 2,000 images ranged 0.37-0.44 (test ECE <= 0.14%), on 1,000 0.17-0.47.
+HOLDOUT = 2000
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0  # what a bundle may store (open interval)
 FIT_RANGE = (1 / 16, 16.0)  # what the fit searches: inside the stored range, so its bounds are valid too
 
@@ -82,17 +86,25 @@ def nll_of_logits(logits: np.ndarray, labels: np.ndarray, temperature: float = 1
     return float(-log_p[np.arange(len(log_p)), np.asarray(labels).astype(np.int64)].mean())
 
 
+# Temperature scaling against vector scaling (a weight and a bias per class, Guo et al.), both fit on the same
+# held-out images and scored on the MNIST test set (benchmarks/calibration.py --compare), temperature first:
+#   built-in model (5,000 images): ECE 0.09% vs 0.25%, NLL 0.0096 vs 0.0549, accuracy 99.69% vs 99.65%
+#   fast (2,000 held out):         ECE 0.50% vs 0.53%, NLL 0.0306 vs 0.1457, accuracy 99.03% vs 98.69%
+#   tutorial 002 (2,000 held out): ECE 1.15% vs 1.41%, NLL 0.3732 vs 0.3849, accuracy 89.06% vs 88.88%
+# Vector scaling over-fits a held-out set with few mistakes and changes answers; temperature is kept. (Isotonic
+# regression of tutorial 002's top-label confidence: test ECE 2.13%; the best T for its test set, 1.16%.)
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature T minimising the NLL of ``softmax(logits / T)`` on held-out logits, within ``FIT_RANGE``.
 
     A bounded 1-D search (Brent's method) on log T. The NLL is convex in 1/T, so the search finds the
     optimum; when the held-out set is all right (the NLL keeps falling as T -> 0) it stops at the bound.
     Measured against L-BFGS on log T with a strong Wolfe line search (benchmarks/calibration.py --compare):
-    both give T = 0.4215 on the built-in model's held-out logits and 0.4627 on `fast`'s, Brent in about
-    20 ms, L-BFGS in 1.6-2.8 s. On an all-right held-out set L-BFGS ran on to T = 0.015 (no finite
-    optimum) where the bounded search stops at 1/16; without the line search (lr 0.01, 100 steps) L-BFGS
-    stopped far from the optimum (T = 0.77 for 0.42). L-BFGS does find optima beyond the bounds (T = 421
-    for logits scaled by 1000) which this search cannot; the trained recipes measured 0.42-0.46.
+    both give T = 0.4215 on the built-in model's held-out logits, 0.4807 on `fast`'s and 0.5870 on
+    tutorial 002's, Brent in 3-20 ms, L-BFGS in 1.6-2.8 s. On an all-right held-out set L-BFGS ran on to
+    T = 0.015 (no finite optimum) where the bounded search stops at 1/16; without the line search (lr
+    0.01, 100 steps) L-BFGS stopped far from the optimum (T = 0.77 for 0.42). L-BFGS does find optima
+    beyond the bounds (T = 421 for logits scaled by 1000), which this search cannot; the recipes
+    measured T from 0.42 (`best`) to 6.6 (tutorial 000, raw 0-255 pixels).
     """
     from scipy.optimize import minimize_scalar
 
@@ -135,7 +147,7 @@ def held_out_range(n_train: int, validation_split: float) -> range:
     """Which training images a run holds out for calibration: its validation split, else the last ``HOLDOUT``.
 
     A validation split is the last fraction (Keras's rule, ``data.validation_split``). Without one the
-    last 5,000 of MNIST's 60,000 are held out (a tenth of the training set where it is smaller than 50,000).
+    last 2,000 of MNIST's 60,000 are held out (a tenth of the training set where it is smaller than 20,000).
     """
     if validation_split:
         return range(math.ceil(n_train * (1.0 - validation_split)), n_train)  # as data.validation_split

@@ -385,7 +385,7 @@ def train_recipe(
 def _calibrate_held_out(clf: Classifier, ds: Dataset, held_out: range | None, verbose: int = 0) -> None:
     """Fit ``clf``'s temperature on the training images ``held_out`` (training never saw them).
 
-    They are the recipe's validation split (tutorials 000 and 003: the last 10%), else the last 5,000
+    They are the recipe's validation split (tutorials 000 and 003: the last 10%), else the last 2,000
     training images, which ``train_recipe`` keeps out of training. ``None``: no such images, T stays 1.
     """
     if held_out is None or not len(held_out):
