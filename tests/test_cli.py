@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import json_lines
+from deepdigits.calibrate import HOLDOUT
 from deepdigits.cli import main, parse_index_range
 from deepdigits.errors import DeepDigitsError
 
@@ -162,7 +163,8 @@ def test_train_says_each_setting_once_and_correctly(capsys, data_root, tmp_path)
     assert "epoch" not in recipe_line and "Settings: 1 epoch (recipe: 5), batch size 128" in settings_line
     # Keras-style progress: the epoch header, then steps, time per step and metrics named as Keras names them
     assert "Epoch 1/1" in err
-    # 55,000 images (the last 5,000 are held out to calibrate) in batches of 128: 430 steps
-    assert any(line.startswith("430/430 ━") and "ms/step - accuracy: " in line and " - loss: " in line
+    # the training images less those held out to calibrate, in batches of 128
+    steps = -(-(60_000 - HOLDOUT) // 128)
+    assert any(line.startswith(f"{steps}/{steps} ━") and "ms/step - accuracy: " in line and " - loss: " in line
                for line in err.splitlines())
     assert not any(line.startswith("0/") for line in err.splitlines()) and "0.0000" not in err  # none before step 1
