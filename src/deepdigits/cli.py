@@ -224,8 +224,8 @@ def add_train(commands) -> None:
     # against 178 s, at the same accuracy; a process's threads wait on each other when cores are contended.
     train.add_argument("--processes", type=int, metavar="N",
                        help="train data-parallel in N processes on this machine, one thread each (torch's "
-                       "elastic agent, as torchrun --standalone starts them); on 2 CPU cores shared with other "
-                       "work, 2 processes trained 5-9x as fast as one process with 2 threads")
+                       "elastic agent, as torchrun --standalone starts them); it pays most when other work "
+                       "shares the cores (benchmarks/RESULTS.md)")
     _quiet_option(train)
     train.set_defaults(handler=cmd_train)
 
