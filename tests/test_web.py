@@ -186,7 +186,6 @@ def test_not_a_digit_answer_clears_the_bars(page):
             page.unroute("**/api/predict")
 
 
-@pytest.mark.xfail(strict=False, reason="needs the recogniser's 'not a digit' answer (issue 14 item 2, in progress)")
 def test_a_drawn_dot_is_not_a_digit(page):
     start(page)
     draw(page, [[(0.5, 0.5)]])  # one click: a dot
@@ -196,7 +195,6 @@ def test_a_drawn_dot_is_not_a_digit(page):
     assert page.locator("#probs").is_hidden() and bar_widths(page) == [0.0] * 10
 
 
-@pytest.mark.xfail(strict=False, reason="needs calibrated probabilities (issue 14 item 1, in progress)")
 def test_a_drawn_seven_is_sure(page):
     start(page)
     draw(page, SEVEN)

@@ -616,7 +616,7 @@ def cmd_ensemble(args) -> int:
 
     members = [Classifier.load(path) for path in args.bundles]
     ds = _test_set_of(members[0], args.data_dir)
-    clf = combine_and_evaluate(members, ds.x_test, ds.y_test)
+    clf = combine_and_evaluate(members, ds.x_test, ds.y_test, dataset=ds)  # calibrated where members held out
     for path, member, accuracy in zip(args.bundles, members, clf.extra["member_metrics"], strict=True):
         print(f"member {path}: {member.architecture}, test accuracy {accuracy:.4f}")
     clf.save(args.out)
