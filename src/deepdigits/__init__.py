@@ -16,9 +16,9 @@ instant; torch loads when a name that needs it is first touched.
 from importlib import import_module
 
 from .errors import BundleError, DataError, DeepDigitsError
-from .version import __version__
 
 _LAZY = {
+    "__version__": "version",  # importlib.metadata costs ~50 ms: only when asked for
     "Classifier": "classifier",
     "combine": "classifier",
     "train_recipe": "classifier",
@@ -36,7 +36,7 @@ _LAZY = {
     "get_recipe": "recipes",
 }
 
-__all__ = ["BundleError", "DataError", "DeepDigitsError", "__version__", *_LAZY]
+__all__ = ["BundleError", "DataError", "DeepDigitsError", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from .errors import DeepDigitsError
-from .version import __version__
 
 EPILOG = """\
 examples:
@@ -769,6 +768,19 @@ COMMANDS = (add_data, add_models, add_train, add_evaluate, add_predict, add_repr
             add_plot, add_crossval, add_report, add_serve, add_ensemble)
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, reading the package metadata only when asked (importlib.metadata costs ~50 ms at start)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .version import __version__
+
+        print(f"deepdigits {__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepdigits",
@@ -776,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"deepdigits {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(commands)
