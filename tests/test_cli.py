@@ -168,3 +168,64 @@ def test_train_says_each_setting_once_and_correctly(capsys, data_root, tmp_path)
     assert any(line.startswith(f"{steps}/{steps} ━") and "ms/step - accuracy: " in line and " - loss: " in line
                for line in err.splitlines())
     assert not any(line.startswith("0/") for line in err.splitlines()) and "0.0000" not in err  # none before step 1
+
+
+def _corrupt(bundle, tmp_path, change):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    meta_path = bad / "model.json"
+    if change == "model.json is a folder":
+        meta_path.unlink()
+        meta_path.mkdir()
+        return bad
+    meta = json.loads(meta_path.read_text())
+    field, _, value = change.partition("=")
+    target = meta
+    *parents, last = field.split(".")
+    for key in parents:
+        target = target[key]
+    if value == "<delete>":
+        del target[last]
+    else:
+        target[last] = json.loads(value)
+    meta_path.write_text(json.dumps(meta))
+    return bad
+
+
+# the probe's bundles (issue 15): each a one-line error with exit 1 from evaluate and predict --model
+BAD_BUNDLES = ["architecture=[\"tutorial-004\"]", "class_names=7", "class_names=[\"a\", \"b\"]", "history=3",
+               "preprocessing=\"x\"", "preprocessing.input_scale=\"big\"", "preprocessing.input_scale=1e308",
+               "train_seconds=\"long\"", "weights=\"model.safetensors\"", "weights.sha256=<delete>",
+               "weights.file=\"../other/model.safetensors\"", "members=" + json.dumps(["tutorial-004"] * 20_000),
+               "model.json is a folder"]
+
+
+@pytest.mark.parametrize("change", BAD_BUNDLES, ids=[c[:40] for c in BAD_BUNDLES])
+def test_hostile_bundles_are_one_line_errors_from_every_command(capsys, bundle, tmp_path, data_root, change):
+    bad = _corrupt(bundle, tmp_path, change)
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.full((28, 28), 255, np.uint8)).save(image)
+    for argv in (["evaluate", bad, "--data-dir", data_root], ["predict", image, "--model", bad, "--json"]):
+        code, out, err = run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 1 and out == "" and len(lines) == 1, (argv, err)
+        assert lines[0].startswith("deepdigits: error: ") and "model.json" in lines[0] and len(lines[0]) < 400
+        assert "Traceback" not in err and "site-packages" not in err
+
+
+def test_hostile_data_files_are_one_line_errors(capsys, data_root, tmp_path):
+    import gzip
+    import shutil
+
+    folder = tmp_path / "data" / "mnist"
+    shutil.copytree(data_root / "mnist", folder)
+    target = next(p for p in folder.iterdir() if p.name.startswith("t10k-labels"))
+    with gzip.open(target, "wb") as f:  # a gzip bomb: 64 MiB of zeros where 10,008 bytes belong
+        for _ in range(64):
+            f.write(bytes(1 << 20))
+    code, out, err = run(capsys, "data", "info", "--data-dir", tmp_path / "data")
+    lines = err.strip().splitlines()
+    assert code == 1 and out == "" and len(lines) == 1 and "t10k-labels" in lines[0] and "Traceback" not in err
+    assert "bad magic number" in lines[0]  # said for what it is, before any checksum
