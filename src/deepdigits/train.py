@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .augment import augment_batch
-from .device import INFERENCE_BATCH, default_device, training_precision
+from .device import INFERENCE_BATCH, default_device, prefers_channels_last, training_precision, training_threads
 from .errors import DeepDigitsError
 from .losses import LossFunction, loss_function
 from .progress import ProgressBar
@@ -24,11 +24,23 @@ from .progress import ProgressBar
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float, float], torch.optim.Optimizer]
 ScheduleFactory = Callable[[torch.optim.Optimizer, float, int], "torch.optim.lr_scheduler.LRScheduler | None"]
 
+
+
+def _adam(params: Iterable[nn.Parameter], lr: float, wd: float) -> torch.optim.Optimizer:
+    # torch's fused kernel: the whole update in one pass over each tensor where the parameters allow it. One
+    # Adam step for tutorial 001's 669,706 parameters took 0.84 ms against 3.65 ms (4.3x; 2 busy cores), a
+    # third of its training step. The same update; only the rounding of its float operations may differ.
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
+                                 for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7, weight_decay=wd, fused=fused or None)
+
+
 # name -> factory(params, learning_rate, weight_decay), with Keras's defaults where they differ from
 # PyTorch's (epsilon 1e-7; RMSprop's rho 0.9)
 OPTIMIZERS: dict[str, OptimizerFactory] = {
     "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, weight_decay=wd),
-    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7, weight_decay=wd),
+    "adam": _adam,
     "rmsprop": lambda params, lr, wd: torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-7, weight_decay=wd),
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
     "nesterov": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
@@ -172,6 +184,8 @@ class TrainingRun:
     last_good: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     wrapped: nn.Module | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
+    threads_before: int | None = None  # torch's thread count before training, where fit chose its own
     rank: int = 0
     world_size: int = 1
     previous_seconds: float = 0.0  # training time of the epochs a resumed run restored
@@ -333,6 +347,11 @@ class TrainingRun:
             raise DeepDigitsError(f"the checkpoint does not fit this network and recipe ({detail})") from None
         self.last_good = copy.deepcopy(self.final_network.state_dict())
 
+    def restore_threads(self) -> None:
+        if self.threads_before is not None:
+            torch.set_num_threads(self.threads_before)
+            self.threads_before = None
+
     def finish(self) -> History:
         """The last finished epoch's weights (the averaged ones with ema_decay), in the plain layout, eval mode."""
         distributed.plain_batch_norm(self.network)
@@ -401,8 +420,7 @@ def fit(
                   label_smoothing=label_smoothing, ema_decay=ema_decay, bf16=bf16, channels_last=channels_last,
                   verbose=verbose if rank == 0 else 0, device=device, resume_from=resume_from, world=world)
     if x_val is not None and y_val is not None:
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        x_val, y_val = x_val.to(run.x.device).contiguous(memory_format=memory_format), y_val.to(run.x.device)
+        x_val, y_val = x_val.to(run.x.device).contiguous(memory_format=run.memory_format), y_val.to(run.x.device)
     try:
         for epoch in range(run.epochs_done + 1, epochs + 1):
             epoch_start = time.perf_counter()
@@ -424,6 +442,7 @@ def fit(
             print(f"Interrupted: keeping the weights of epoch {len(run.history.epochs)}.", file=sys.stderr)
     finally:
         run.progress.close()
+        run.restore_threads()
     return run.finish()
 
 
@@ -446,6 +465,7 @@ def prepare(network: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: 
     loss_fn = loss_function(loss, label_smoothing)
     _lookup(SCHEDULES, "schedule", schedule)
     device = (world.device if world else None) or device or default_device()
+    channels_last = channels_last or prefers_channels_last(network, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     network.to(device, memory_format=memory_format)
     x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
@@ -464,7 +484,7 @@ def prepare(network: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: 
         autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"),
         progress=ProgressBar(epochs, steps, verbose), shuffle=shuffle, augment_rng=augment_rng,
         history=History(precision=precision), last_good=copy.deepcopy(network.state_dict()),
-        rank=rank, world_size=world_size,
+        memory_format=memory_format, rank=rank, world_size=world_size,
     )
     if resume_from is not None:
         run.restore(resume_from)
@@ -472,4 +492,8 @@ def prepare(network: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: 
         if world_size > 1:
             distributed.sync_batch_norm(network)
         run.wrapped = distributed.wrap(network, device)
+    threads = training_threads(network, batch_size, device)
+    if threads is not None and threads < torch.get_num_threads():
+        run.threads_before = torch.get_num_threads()
+        torch.set_num_threads(threads)
     return run
