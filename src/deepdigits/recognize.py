@@ -263,8 +263,8 @@ def draw_boxes(image: ImageSource, reading: NumberReading, name: str | None = No
         if d.box is None:
             continue
         box = [round(v * shrink) for v in d.box]
-        colour = (220, 38, 38) if d.unsure else (37, 99, 235)
+        colour = (220, 38, 38) if d.unsure or d.not_a_digit else (37, 99, 235)
         draw.rectangle(box, outline=colour, width=width)
-        draw.text((box[0] + width, max(0, box[1] - 12 - width)), f"{d.class_name} {d.confidence:.0%}",
-                  fill=colour)
+        label = "?" if d.class_name is None else f"{d.class_name} {d.confidence:.0%}"  # ?: not a digit
+        draw.text((box[0] + width, max(0, box[1] - 12 - width)), label, fill=colour)
     return canvas
