@@ -17,7 +17,7 @@ from .bundle import load_bundle, save_bundle
 from .calibrate import held_out_range
 from .data import Dataset, load_dataset
 from .data import validation_split as split_last_fraction
-from .device import INFERENCE_BATCH, channels_last, default_device, precision_text
+from .device import INFERENCE_BATCH, channels_last, default_device, precision_text, threads_for
 from .errors import BundleError, DeepDigitsError
 from .evaluate import metrics_from_probabilities
 from .models import build_ensemble, build_model, count_params, resolve_name, summary, summary_dict
@@ -146,8 +146,9 @@ class Classifier:
         """
         network = channels_last(self.network).eval()
         x = self._tensor(images).contiguous(memory_format=torch.channels_last)
-        parts = [torch.softmax(network(x[i : i + batch_size]) / self.temperature, dim=1)
-                 for i in range(0, len(x), batch_size)]
+        with threads_for(len(x)):
+            parts = [torch.softmax(network(x[i : i + batch_size]) / self.temperature, dim=1)
+                     for i in range(0, len(x), batch_size)]
         return torch.cat(parts).numpy() if parts else np.zeros((0, len(self.class_names)), np.float32)
 
     @torch.no_grad()
@@ -155,7 +156,8 @@ class Classifier:
         """The network's outputs before the temperature and softmax (N, 10), float32."""
         network = channels_last(self.network).eval()
         x = self._tensor(images).contiguous(memory_format=torch.channels_last)
-        parts = [network(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        with threads_for(len(x)):
+            parts = [network(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
         return torch.cat(parts).numpy() if parts else np.zeros((0, len(self.class_names)), np.float32)
 
     def calibrate(self, x: np.ndarray, y: np.ndarray, *, fit_on: dict | None = None) -> dict:
@@ -288,6 +290,8 @@ class Classifier:
         clf.calibration = meta.get("calibration")  # absent in bundles from before calibration: T = 1
         clf.temperature = float((clf.calibration or {}).get("temperature") or 1.0)
         clf.provenance = {k: meta.get(k) for k in ("created", "command", "versions")}
+        if isinstance(meta.get("open_set"), dict):  # the "not a digit" thresholds and head, kept on re-save
+            clf.extra["open_set"] = meta["open_set"]
         return clf
 
     def _tensor(self, images) -> torch.Tensor:
