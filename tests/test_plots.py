@@ -4,7 +4,6 @@ from PIL import Image
 
 from deepdigits.data import load_dataset
 from deepdigits.errors import DeepDigitsError
-from deepdigits.evaluate import metrics_from_probabilities
 from deepdigits.plots import FIGURE_KINDS, confusion_matrix_figure, make_figure, save_figure
 
 
@@ -31,19 +30,6 @@ def test_figures_have_titles_and_labelled_axes(small_model, mnist):
     assert accuracy_axes.get_xlabel() == "Epoch" and accuracy_axes.get_ylabel() == "Accuracy"
     assert [t.get_text() for t in accuracy_axes.get_legend().get_texts()] == ["training", "validation"]
     assert figure._suptitle.get_text().startswith("tutorial-002")
-
-
-def test_confusion_numbers(small_model, mnist):
-    probabilities = small_model.predict_proba(mnist.x_test[:1000])
-    metrics = metrics_from_probabilities(probabilities, mnist.y_test[:1000])
-    matrix = np.array(metrics["confusion_matrix"])
-    assert matrix.sum() == 1000
-    assert matrix.trace() / 1000 == pytest.approx(metrics["accuracy"])
-    for row in metrics["per_class"]:
-        i = row["class"]
-        assert row["recall"] == pytest.approx(matrix[i, i] / matrix[i].sum())
-        assert row["precision"] == pytest.approx(matrix[i, i] / matrix[:, i].sum())
-        assert row["support"] == matrix[i].sum()
 
 
 def test_class_names_are_used(data_root):
