@@ -46,7 +46,8 @@ def _step(name: str) -> None:
         save_step_hook(name)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -253,7 +254,7 @@ def save_bundle(
         document = dict(metadata)
         document["format"] = FORMAT
         document["format_version"] = FORMAT_VERSION
-        document["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(weights)}
+        document["weights"] = {"file": WEIGHTS_FILE, "sha256": file_sha256(weights)}
         try:
             validate_document(document)
         except ValidationError as exc:
@@ -362,7 +363,7 @@ def load_bundle(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
     path = Path(path)
     document = read_metadata(path)
     weights = _weights_path(path, document["weights"].get("file", WEIGHTS_FILE))
-    if _sha256(weights) != document["weights"]["sha256"]:
+    if file_sha256(weights) != document["weights"]["sha256"]:
         raise BundleError(f"{weights}: checksum mismatch; the weights file is damaged or was replaced")
     try:
         state_dict = load_file(str(weights))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write_text, private_dir_to_public
+from .bundle import file_sha256
 from .errors import DeepDigitsError
 from .recipes import Recipe
 
@@ -97,14 +97,6 @@ def decode(value: object, tensors: dict[str, torch.Tensor], where: str) -> objec
 # ----------------------------------------------------------------------------- writing
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path, folder: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     try:
@@ -144,7 +136,7 @@ def save_checkpoint(root: str | os.PathLike, epoch: int, state: dict, info: dict
         document = {"format": FORMAT, "format_version": FORMAT_VERSION, "epoch": epoch, **info,
                     "state": encode(state, "", tensors)}
         save_file(tensors, str(staging / TENSORS_FILE), metadata={"format": FORMAT})
-        document["tensors"] = {"file": TENSORS_FILE, "sha256": _sha256(staging / TENSORS_FILE)}
+        document["tensors"] = {"file": TENSORS_FILE, "sha256": file_sha256(staging / TENSORS_FILE)}
         (staging / STATE_FILE).write_text(json.dumps(document) + "\n", encoding="utf-8")
         private_dir_to_public(staging)
         for file in staging.iterdir():
@@ -274,7 +266,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     tensors_path = folder / TENSORS_FILE
     if not tensors_path.is_file():
         raise CheckpointError(f"{tensors_path}: missing; the checkpoint is incomplete")
-    if _sha256(tensors_path) != document["tensors"].get("sha256"):
+    if file_sha256(tensors_path) != document["tensors"].get("sha256"):
         raise CheckpointError(f"{tensors_path}: checksum mismatch; the checkpoint is damaged")
     try:
         tensors = load_file(str(tensors_path))
