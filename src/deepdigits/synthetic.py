@@ -65,21 +65,117 @@ def render_digit(digit: np.ndarray, rng: np.random.Generator, jpeg: bool = True)
     return finish(page, rng, jpeg)
 
 
-def render_number(digits: list[np.ndarray], rng: np.random.Generator, jpeg: bool = True) -> bytes:
-    """Several MNIST digits written side by side with varied gaps, on one photo."""
+NESTING = 0.3  # touching digits: the most of the narrower one's width their boxes may share
+
+
+def render_number(digits: list[np.ndarray], rng: np.random.Generator, jpeg: bool = True, *,
+                  touching: float = 0.0, slant: float = 0.0, drift: float = 0.0, height_spread: float = 0.0,
+                  gaps: tuple[float, float] = (0.1, 0.6)) -> bytes:
+    """Several MNIST digits written side by side with varied gaps, on one photo.
+
+    With the defaults, the same photo for the same ``rng`` as always (tests and benchmarks rely on it). The
+    keyword options write the way people do:
+
+    - ``touching``: the chance that a digit is pushed against its left neighbour (ink against ink, up to a
+      few pixels of overlap, their boxes sharing at most ``NESTING`` of the narrower's width; about three
+      pairs in four then touch, the rest are left that close) instead of leaving a gap;
+    - ``slant``: the whole number sheared by this many degrees (positive leans right, as in italics);
+    - ``drift``: the baseline wanders (a tilt and a wave) by up to this share of the digits' height;
+    - ``height_spread``: each digit's height varies by up to this share (0.15: 85% to 115%);
+    - ``gaps``: the range of the gaps between digits, as shares of their height.
+    """
+    return render_number_with_ink(digits, rng, jpeg, touching=touching, slant=slant, drift=drift,
+                                  height_spread=height_spread, gaps=gaps)[0]
+
+
+def render_number_with_ink(digits: list[np.ndarray], rng: np.random.Generator, jpeg: bool = True, *,
+                           touching: float = 0.0, slant: float = 0.0, drift: float = 0.0,
+                           height_spread: float = 0.0, gaps: tuple[float, float] = (0.1, 0.6),
+                           ) -> tuple[bytes, list[np.ndarray]]:
+    """:func:`render_number`, and where each digit's ink is: one boolean mask per digit, the photo's size."""
     height = int(rng.integers(70, 160))
     stroke = int(rng.integers(0, 3)) * max(1, height // 80)
-    shapes = [ink_shape(d, height, stroke, float(rng.uniform(-8, 8))) for d in digits]
-    gaps = [int(rng.uniform(0.1, 0.6) * height) for _ in shapes[:-1]]
+    written = touching > 0 or slant != 0 or drift > 0 or height_spread > 0 or tuple(gaps) != (0.1, 0.6)
+    # everything the options add is drawn from a child generator, so the plain photo's draws are unchanged
+    extra = np.random.default_rng(int(rng.integers(2**63))) if written else None
+    sizes = [height] * len(digits) if extra is None else [
+        max(20, round(height * extra.uniform(1 - height_spread, 1 + height_spread))) for _ in digits]
+    shapes = [ink_shape(d, size, stroke, float(rng.uniform(-8, 8))) for d, size in zip(digits, sizes, strict=True)]
+    gap_sizes = [int(rng.uniform(*gaps) * height) for _ in shapes[:-1]]
     margin = int(0.4 * height)
-    width_px = sum(s.shape[1] for s in shapes) + sum(gaps) + 2 * margin
-    height_px = max(s.shape[0] for s in shapes) + 2 * margin
+    tallest = max(s.shape[0] for s in shapes)
+    if extra is None:  # as before: left to right with the gaps drawn, each at a random height (drawn below)
+        lefts = list(np.cumsum([margin] + [s.shape[1] + g for s, g in zip(shapes, gap_sizes, strict=False)]))
+        width_px, height_px = sum(s.shape[1] for s in shapes) + sum(gap_sizes) + 2 * margin, tallest + 2 * margin
+        tops: list[int] = []
+    else:
+        tops, lefts, width_px, height_px = _lay_out(shapes, gap_sizes, height, margin, touching, drift, extra)
     page = paper(width_px, height_px, rng)
     colour = rng.uniform(0.05, 0.3)
+    ink = np.zeros((height_px, width_px), np.float32)
+    places = []
+    for i, shape in enumerate(shapes):
+        top = tops[i] if tops else margin + int(rng.integers(0, max(1, height_px - 2 * margin - shape.shape[0] + 1)))
+        left = int(lefts[i])
+        places.append((top, left))
+        region = ink[top : top + shape.shape[0], left : left + shape.shape[1]]
+        np.maximum(region, shape, out=region)
+    if slant:
+        ink = _shear(ink, slant)
+    page = page * (1 - ink) + colour * ink
+    masks = []
+    for (top, left), shape in zip(places, shapes, strict=True):
+        own = np.zeros((height_px, width_px), np.float32)
+        own[top : top + shape.shape[0], left : left + shape.shape[1]] = shape
+        masks.append((_shear(own, slant) if slant else own) > 0.5)
+    return finish(page, rng, jpeg), masks
+
+
+def _lay_out(shapes: list[np.ndarray], gap_sizes: list[int], height: int, margin: int, touching: float,
+             drift: float, rng: np.random.Generator) -> tuple[list[int], list[int], int, int]:
+    """Where each digit goes (tops, lefts) and the page size, for a baseline that drifts and digits that touch."""
+    count = len(shapes)
+    tilt, wave, phase = rng.uniform(-1, 1), rng.uniform(-0.5, 0.5), rng.uniform(0, 2 * np.pi)
+    along = np.linspace(0, 1, count) if count > 1 else np.zeros(1)
+    wander = drift * height * (tilt * (along - 0.5) + wave * np.sin(2 * np.pi * along + phase))
+    bottoms = [round(float(w)) + int(rng.integers(-2, 3)) for w in wander]  # relative to a level baseline
+    tallest = max(s.shape[0] for s in shapes)
+    tops = [b - s.shape[0] for b, s in zip(bottoms, shapes, strict=True)]
+    shift = margin - min(tops)
+    tops = [t + shift for t in tops]
+    height_px = max(t + s.shape[0] for t, s in zip(tops, shapes, strict=True)) + margin
+    height_px = max(height_px, tallest + 2 * margin)
+    # the rightmost ink so far in each row of the page, to push the next digit against it
+    rightmost = np.full(height_px, -(10**9), np.int64)
+    lefts: list[int] = []
     x = margin
     for i, shape in enumerate(shapes):
-        top = margin + int(rng.integers(0, max(1, height_px - 2 * margin - shape.shape[0] + 1)))
-        region = page[top : top + shape.shape[0], x : x + shape.shape[1]]
-        page[top : top + shape.shape[0], x : x + shape.shape[1]] = region * (1 - shape) + colour * shape
-        x += shape.shape[1] + (gaps[i] if i < len(gaps) else 0)
-    return finish(page, rng, jpeg)
+        solid = shape > 0.5
+        if i and rng.uniform() < touching:
+            rows = np.flatnonzero(solid.any(axis=1))
+            first = solid[rows].argmax(axis=1)  # the leftmost ink of each row of the new digit
+            reach = rightmost[tops[i] + rows] - first
+            if reach.max() > -(10**8):  # rows in common: slide left until the inks meet, then overlap a little
+                overlap = int(rng.integers(0, max(1, round(0.06 * height)) + 1))
+                # but one digit is written after the other, not inside it: the boxes overlap by at most
+                # NESTING of the narrower (sliding until the inks meet needs more for a quarter of pairs)
+                previous = lefts[-1] + shapes[i - 1].shape[1]
+                nested = previous - int(NESTING * min(shapes[i - 1].shape[1], shape.shape[1]))
+                x = max(margin, int(reach.max()) + 1 - overlap, nested)
+        lefts.append(x)
+        rows = np.flatnonzero(solid.any(axis=1))
+        last = shape.shape[1] - 1 - solid[rows, ::-1].argmax(axis=1)
+        rightmost[tops[i] + rows] = np.maximum(rightmost[tops[i] + rows], x + last)
+        x += shape.shape[1] + (gap_sizes[i] if i < len(gap_sizes) else 0)
+    width_px = max(left + s.shape[1] for left, s in zip(lefts, shapes, strict=True)) + margin
+    return tops, lefts, width_px, height_px
+
+
+def _shear(ink: np.ndarray, degrees: float) -> np.ndarray:
+    """Slant the writing by ``degrees`` (positive leans right): each row shifted in proportion to its height."""
+    slope = np.tan(np.radians(degrees))
+    centre = ink.shape[0] / 2
+    # output (y, x) samples input (y, x - slope * (centre - y)): rows above the centre move right
+    matrix = np.array([[1.0, 0.0], [slope, 1.0]])
+    offset = np.array([0.0, -slope * centre])
+    return ndimage.affine_transform(ink, matrix, offset=offset, order=1, mode="constant")
