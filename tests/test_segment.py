@@ -1,4 +1,5 @@
-"""Finding the digits of a number: touching digits split, broken strokes merged, no model needed."""
+"""Finding the digits of a number: touching digits split (read apart by the model where given), broken strokes
+merged, no model needed; the generator's ways of writing; the overlay's colours and labels."""
 
 import io
 import itertools
@@ -9,13 +10,15 @@ import warnings
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from deepdigits.cli import main
 from deepdigits.errors import DeepDigitsError
+from deepdigits.predictor import builtin_model
 from deepdigits.preprocess import ImageError
-from deepdigits.recognize import read_digits, read_number
+from deepdigits.recognize import SURE, _label_box, draw_boxes, read_digits, read_number
 from deepdigits.segment import MAX_DIGITS, Deadline, _merge_broken, find_digits, segment_digits
-from deepdigits.synthetic import render_number
+from deepdigits.synthetic import render_number, render_number_with_ink
 
 
 def test_touching_digits_are_split(mnist):
@@ -29,7 +32,8 @@ def test_touching_digits_are_split(mnist):
 
 
 def test_finding_digits_needs_no_model_and_reading_them_matches_read_number(mnist):
-    # the server cuts digits out before it takes the inference lock, so this split must not change answers
+    # the server cuts digits out before it takes the inference lock: with the model passed to find_digits
+    # (it reads touching digits apart) the split must not change answers; without one it still works
     rng = np.random.default_rng(3)
     image = render_number([mnist.x_test[i] for i in (0, 1, 2)], rng)  # 7 2 1
     found = find_digits(image)
@@ -38,6 +42,8 @@ def test_finding_digits_needs_no_model_and_reading_them_matches_read_number(mnis
     whole = read_number(image)
     assert read_digits(found).to_dict() == whole.to_dict() and whole.number == "721"
     assert [d.box for d in whole.digits] == found.boxes
+    with_model = find_digits(image, predictor=builtin_model())
+    assert read_digits(with_model).to_dict() == whole.to_dict()
     with pytest.raises(DeepDigitsError, match="blank"):
         find_digits(np.full((50, 80), 255, np.uint8), name="empty.png")
 
@@ -47,6 +53,121 @@ def test_broken_stroke_is_merged(mnist):
     digit[52:56, :] = 0  # cut the 5's flag off horizontally
     pieces = segment_digits(np.pad(digit, 30).astype(np.float32) / 255)
     assert len(pieces) == 1
+
+
+# --------------------------------------------------------------------------- ways of writing a number
+
+
+def _number(mnist, seed: int, count: int = 4, **options) -> tuple[str, bytes]:
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(mnist.x_test), count, replace=False)
+    return "".join(str(mnist.y_test[i]) for i in picks), render_number([mnist.x_test[i] for i in picks], rng,
+                                                                       **options)
+
+
+@pytest.mark.parametrize("seed", [0, 5, 6, 7])  # 0 and 5: misread before the model read touching digits apart
+def test_touching_digits_are_read_apart(mnist, seed):
+    truth, image = _number(mnist, seed, touching=1.0)  # every digit pushed against the one before
+    assert read_number(image).number == truth
+    assert len(find_digits(image).boxes) >= 2  # without a model: cut where the width says
+
+
+@pytest.mark.parametrize(("seed", "slant"), [(0, 10.0), (3, 10.0), (8, -10.0), (3, -10.0)])
+def test_slanted_numbers_are_read(mnist, seed, slant):  # seed 3: one digit short before (either slant)
+    truth, image = _number(mnist, seed, slant=slant)
+    assert read_number(image).number == truth
+
+
+@pytest.mark.parametrize("seed", [0, 3, 9])  # seed 3: one digit short before
+def test_numbers_on_a_drifting_baseline_are_read(mnist, seed):
+    truth, image = _number(mnist, seed, drift=0.4, height_spread=0.15)
+    assert read_number(image).number == truth
+
+
+def test_generator_options_write_as_asked(mnist):
+    digits = [mnist.x_test[i] for i in range(6)]
+    plain = render_number(digits, np.random.default_rng(1))
+    # the defaults, spelled out or not, give the same photo as always for the same seed
+    assert render_number(digits, np.random.default_rng(1), touching=0.0, slant=0.0, drift=0.0,
+                         height_spread=0.0, gaps=(0.1, 0.6)) == plain
+    photo, masks = render_number_with_ink(digits, np.random.default_rng(1))
+    assert photo == plain and len(masks) == 6
+
+    def touching_pairs(masks: list[np.ndarray]) -> int:
+        grown = [ndimage.binary_dilation(m, iterations=2) for m in masks]
+        return sum(bool((a & b).any()) for a, b in itertools.pairwise(grown))
+
+    assert touching_pairs(masks) == 0  # gaps of 10-60% of the height
+    _, pushed = render_number_with_ink(digits, np.random.default_rng(1), touching=1.0)
+    assert touching_pairs(pushed) >= 3  # about three pairs in four touch; the rest are as close as allowed
+
+    def lean(masks: list[np.ndarray]) -> float:  # how far right the top of the ink is of its bottom, per row
+        ys, xs = np.nonzero(np.any(masks, axis=0))
+        return float(np.polyfit(ys, xs, 1)[0] * -1)
+
+    _, right = render_number_with_ink(digits, np.random.default_rng(1), slant=10.0)
+    _, left = render_number_with_ink(digits, np.random.default_rng(1), slant=-10.0)
+    assert lean(right) > lean(left) + 0.1  # tan(10 degrees) = 0.18 each way
+
+    def bottoms(masks: list[np.ndarray]) -> list[int]:
+        return [int(np.nonzero(m.any(axis=1))[0].max()) for m in masks]
+
+    _, drifting = render_number_with_ink(digits, np.random.default_rng(1), drift=0.4)
+    assert np.ptp(bottoms(drifting)) > np.ptp(bottoms(masks))
+    with Image.open(io.BytesIO(photo)) as image:
+        assert image.format == "JPEG" and image.mode == "RGB"
+        grey = np.asarray(image.convert("L"), np.float32)
+    ink = np.any(masks, axis=0)
+    assert grey[ink].mean() < grey[~ink].mean() - 60  # dark ink on light paper
+
+
+def test_read_apart_is_bounded(mnist):
+    # a zigzag as wide as ten digits, one component: 0.56 s of CPU measured with the model (2 busy cores)
+    height, width = 60, 460
+    canvas = np.full((height + 40, width), 255, np.uint8)
+    for x in range(20, width - 20):
+        y = int(20 + (height - 1) * (0.5 + 0.5 * np.sin(x / 6.0)))
+        canvas[max(0, y - 3) : y + 3, x - 2 : x + 2] = 0
+    start = time.thread_time()
+    found = find_digits(canvas, predictor=builtin_model())
+    assert time.thread_time() - start < 2.0 and 1 <= len(found.boxes) <= MAX_DIGITS
+
+
+# --------------------------------------------------------------------------- the overlay
+
+
+def test_overlay_keeps_the_colours_and_labels_every_digit_inside(mnist, tmp_path):
+    # blue ink on yellow paper, the digits' tops at the very top edge: no room for a label above them
+    digits = [np.asarray(Image.fromarray(mnist.x_test[i]).resize((84, 84))) for i in (0, 1, 2)]  # 7 2 1
+    paper = np.zeros((100, 300, 3), np.uint8)
+    paper[:] = (250, 235, 160)
+    for k, digit in enumerate(digits):
+        ink = digit[4:] / 255.0  # cut at the top: the ink reaches row 0
+        region = paper[: ink.shape[0], 10 + 95 * k : 10 + 95 * k + 84]
+        region[:] = (region * (1 - ink[..., None]) + np.array([30, 40, 160]) * ink[..., None]).astype(np.uint8)
+    path = tmp_path / "yellow.png"
+    Image.fromarray(paper).save(path)
+    reading = read_number(path)
+    assert reading.number == "721"
+    overlay = draw_boxes(path, reading)
+    assert overlay.mode == "RGB" and overlay.size == (300, 100)
+    array = np.asarray(overlay)
+    assert tuple(array[99, 299]) == (250, 235, 160)  # the paper keeps its colour where nothing is drawn
+    assert (array == SURE).all(axis=2).sum() > 100  # boxes and label backgrounds in colour
+    labels = overlay.info["labels"]
+    assert len(labels) == 3
+    for (left, top, right, bottom), d in zip(labels, reading.digits, strict=True):
+        assert 0 <= left < right <= 300 and 0 <= top < bottom <= 100  # wholly inside the image
+        assert top >= d.box[3] - 1 and bottom - top >= 12  # below its box (no room above), legible
+        assert (array[top + 1 : bottom - 1, left + 1 : right - 1] == SURE).all(axis=2).mean() > 0.5  # filled
+        assert (array[top:bottom, left:right] == (255, 255, 255)).all(axis=2).any()  # white writing on it
+
+
+def test_label_places_avoid_each_other_and_the_edges():
+    taken = [(0, 0, 50, 20)]
+    assert _label_box([10, 30, 40, 60], (50, 20), (200, 100), taken) == (10, 60)  # above is taken: below
+    assert _label_box([190, 30, 200, 60], (50, 20), (200, 100)) == (150, 10)  # pulled in from the right edge
+    assert _label_box([10, 0, 40, 95], (50, 20), (200, 100)) == (10, 0)  # no room above or below: inside
 
 
 # --------------------------------------------------------------------------- bounded for hostile input

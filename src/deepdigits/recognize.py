@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .errors import DeepDigitsError
 from .outliers import InkMeasures, judge, measure_ink, network_outputs, open_set_of
@@ -247,24 +247,123 @@ def read_digits(found: FoundDigits, predictor: Predictor | None = None,
 
 def read_number(image: ImageSource, predictor: Predictor | None = None,
                 min_confidence: float = DEFAULT_MIN_CONFIDENCE, name: str | None = None) -> NumberReading:
-    """Read a handwritten number (digits side by side) from an image, left to right."""
-    return read_digits(find_digits(image, name), predictor, min_confidence)
+    """Read a handwritten number (digits side by side) from an image, left to right.
+
+    The model also decides where touching digits part (``find_digits(..., predictor=...)``).
+    """
+    model = _predictor(predictor)
+    return read_digits(find_digits(image, name, predictor=model), model, min_confidence)
+
+
+SURE, UNSURE, REJECTED = (37, 99, 235), (217, 119, 6), (220, 38, 38)  # blue, amber, red
+FONTS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/TTF/DejaVuSans-Bold.ttf",
+         "/usr/share/fonts/dejavu/DejaVuSans-Bold.ttf", "/Library/Fonts/Arial Bold.ttf",
+         "C:/Windows/Fonts/arialbd.ttf")
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """A bold sans-serif font ``size`` pixels tall: DejaVu Sans where installed, else Pillow's own."""
+    for path in FONTS:
+        try:
+            return ImageFont.truetype(path, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
+def _colour_image(image: ImageSource, name: str | None = None) -> Image.Image:
+    """The input as an RGB picture in its own colours (transparency on white, EXIF orientation applied).
+
+    Grey where its colours cannot be had within the decoding budget (a JPEG read reduced, in grey).
+    """
+    from PIL import ImageOps
+
+    from .preprocess import MAX_DECODE_BYTES, decode_cost
+
+    def on_white(picture: Image.Image) -> Image.Image:
+        picture = ImageOps.exif_transpose(picture) or picture
+        if picture.mode in ("RGBA", "LA", "PA", "P") and (picture.mode != "P" or "transparency" in picture.info):
+            rgba = picture.convert("RGBA")
+            white = Image.new("RGB", rgba.size, (255, 255, 255))
+            white.paste(rgba, mask=rgba.getchannel("A"))
+            return white
+        return picture.convert("RGB")
+
+    try:
+        if isinstance(image, Image.Image) and image.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+            return on_white(image)
+        if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] in (3, 4) and image.dtype == np.uint8:
+            return on_white(Image.fromarray(image))
+        if isinstance(image, bytes | str | os.PathLike):
+            import io
+
+            with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as picture:
+                deep = picture.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # grey, scaled below
+                if not deep and decode_cost(picture.mode, picture.size) <= MAX_DECODE_BYTES:
+                    return on_white(picture)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        pass
+    grey = load_image(image, name)  # any other input, or too large: grey, with its one-line errors
+    return Image.fromarray((grey * 255).astype(np.uint8)).convert("RGB")
+
+
+def _label_box(box: list[int], size: tuple[int, int], image_size: tuple[int, int],
+               taken: list[tuple[int, int, int, int]] | None = None) -> tuple[int, int]:
+    """Where a label of ``size`` goes for a digit's ``box``: above it, else below, else inside it; always
+    within the image, and where it can, clear of the labels ``taken`` already (left, top, right, bottom)."""
+    width, height = size
+    left = min(max(0, box[0]), max(0, image_size[0] - width))
+    places = [top for top in (box[1] - height, box[3]) if 0 <= top <= image_size[1] - height]
+    places = places or [min(max(0, box[1]), max(0, image_size[1] - height))]
+
+    def clear(top: int) -> bool:
+        return all(left + width <= a or c <= left or top + height <= b or d <= top for a, b, c, d in taken or [])
+
+    return left, next((top for top in places if clear(top)), places[0])
+
+
+def _label_layout(draw: ImageDraw.ImageDraw, texts: list[str], big: int) -> tuple[list, int, int, list[int],
+                                                                                  tuple[int, int]]:
+    """The fonts, padding, gap, text widths and whole size of a label whose digit is ``big`` pixels tall."""
+    parts = [(text, _font(big if k == 0 else max(8, round(big * 0.6)))) for k, text in enumerate(texts)]
+    pad, gap = max(2, big // 6), max(2, big // 4)
+    widths = [round(draw.textlength(text, font=font)) for text, font in parts]
+    # a little more on the right: the last glyph's ink can pass its advance (the % sign does)
+    return parts, pad, gap, widths, (sum(widths) + gap * (len(parts) - 1) + 3 * pad, round(big * 1.1) + 2 * pad)
 
 
 def draw_boxes(image: ImageSource, reading: NumberReading, name: str | None = None) -> Image.Image:
-    """The input image with each digit's box and answer drawn on it (red where unsure)."""
-    grey = load_image(image, name)
-    canvas = Image.fromarray((grey * 255).astype(np.uint8)).convert("RGB")
+    """The input image, in its own colours, with each digit's box and a label: the digit and, apart, its
+    probability, white on the box's colour (blue: sure; amber: unsure; red ``?``: not a digit), sized to the box.
+    """
+    canvas = _colour_image(image, name)
     draw = ImageDraw.Draw(canvas)
-    width = max(2, round(max(canvas.size) / 300))
+    line = max(2, round(max(canvas.size) / 300))
     # a JPEG too large to decode whole is read reduced (preprocess.MAX_DECODE_BYTES); boxes are in full pixels
     shrink = canvas.size[0] / reading.size[0] if reading.size[0] else 1.0
+    taken: list[tuple[int, int, int, int]] = []
     for d in reading.digits:
         if d.box is None:
             continue
         box = [round(v * shrink) for v in d.box]
-        colour = (220, 38, 38) if d.unsure or d.not_a_digit else (37, 99, 235)
-        draw.rectangle(box, outline=colour, width=width)
-        label = "?" if d.class_name is None else f"{d.class_name} {d.confidence:.0%}"  # ?: not a digit
-        draw.text((box[0] + width, max(0, box[1] - 12 - width)), label, fill=colour)
+        colour = REJECTED if d.not_a_digit else UNSURE if d.unsure else SURE
+        draw.rectangle(box, outline=colour, width=line)
+        # the digit a third of the box's height, the probability smaller and a space apart; narrower than
+        # the box allows (so neighbours' labels do not cover each other), at least 10 px
+        texts = ["?"] if d.class_name is None else [d.class_name, f"{d.confidence:.0%}"]
+        big = max(10, round((box[3] - box[1]) / 3))
+        for _ in range(2):
+            parts, pad, gap, widths, size = _label_layout(draw, texts, big)
+            room = max(box[2] - box[0], 2 * line) + 2 * line
+            if size[0] <= room or big == 10:
+                break
+            big = max(10, int(big * room / size[0]))
+        left, top = _label_box(box, size, canvas.size, taken)
+        taken.append((left, top, left + size[0], top + size[1]))
+        draw.rectangle((left, top, left + size[0] - 1, top + size[1] - 1), fill=colour)
+        x, baseline = left + pad, top + pad + round(big * 0.9)
+        for (text, font), width in zip(parts, widths, strict=True):
+            draw.text((x, baseline), text, font=font, fill=(255, 255, 255), anchor="ls")
+            x += width + gap
+    canvas.info["labels"] = taken  # where each label went: left, top, right, bottom (for tests and callers)
     return canvas
