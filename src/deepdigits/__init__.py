@@ -31,6 +31,7 @@ _LAZY = {
     "Classifier": "classifier",
     "combine": "classifier",
     "train_recipe": "classifier",
+    "train_run": "runs",
     "load": "predictor",
     "Predictor": "predictor",
     "ModelCard": "predictor",

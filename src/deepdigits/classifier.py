@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -319,6 +320,8 @@ def train_recipe(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume: str | os.PathLike | None = None,
+    processes: int | None = None,
+    work_dir: str | os.PathLike | None = None,
 ) -> Classifier:
     """Train a named recipe (default: tutorial-003) on its dataset, evaluate on the test set, return the classifier.
 
@@ -329,6 +332,9 @@ def train_recipe(
     have had. Checkpoints are left for the caller to remove (``checkpoint.remove_checkpoints``); ensembles
     write none. Inside a torch.distributed process group (torchrun) every process trains its shard of each
     batch and only rank 0 prints, writes checkpoints and scores the test set (see ``deepdigits.distributed``).
+    An ensemble recipe trains its members in ``processes`` worker processes at once (default: as many as
+    ``member_processes`` finds cores for), each with a share of the cores; their bundles are handed back
+    through a temporary folder inside ``work_dir`` (default: the system's temporary folder).
     """
     from . import checkpoint, distributed
 
@@ -352,12 +358,20 @@ def train_recipe(
     ds = dataset if isinstance(dataset, Dataset) else distributed.first_on_each_machine(
         lambda: load_dataset(chosen.dataset, data_dir=data_dir))
     if chosen.members:  # an ensemble recipe: train each member with its own seed, then average them
-        trained = []
-        for i in range(chosen.members):
-            if verbose:
-                print(f"Ensemble member {i + 1}/{chosen.members}", file=sys.stderr)
-            trained.append(train_recipe(chosen.member_recipe, dataset=ds, epochs=epochs, batch_size=batch_size,
-                                        learning_rate=learning_rate, seed=chosen.seed + i, verbose=verbose))
+        overrides = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate}
+        workers = 1 if world is not None else member_processes(chosen.members, processes)
+        if workers > 1:
+            trained = _train_members_in_processes(chosen, ds, overrides, workers, work_dir, verbose)
+        else:
+            trained = []
+            for i in range(chosen.members):
+                if verbose:
+                    print(f"Ensemble member {i + 1}/{chosen.members}", file=sys.stderr)
+                member = train_recipe(chosen.member_recipe, dataset=ds, seed=chosen.seed + i, verbose=verbose,
+                                      **overrides)
+                if member.interrupted:  # Ctrl-C: an ensemble of unfinished members is not saved
+                    raise KeyboardInterrupt
+                trained.append(member)
         clf = combine(trained)
         clf.recipe = {**chosen.to_dict(), "members": [m.recipe for m in trained]}
         _calibrate_held_out(clf, ds, _shared_held_out(trained, ds), verbose=verbose)
@@ -384,6 +398,125 @@ def train_recipe(
         _calibrate_held_out(clf, ds, held_out, verbose=verbose)
         clf.metrics = clf.evaluate(ds.x_test, ds.y_test)
     return clf
+
+
+# Training a member in a worker process: ``Classifier.fit`` spreads one network's batches over the cores it
+# is given; members are independent runs, so each worker trains one with its share of the cores and the
+# workers need not talk. A worker gets its data as safetensors and gives its member back as a bundle
+# (safetensors + JSON), never pickled.
+_DATA_FILE, _DATA_INFO = "data.safetensors", "data.json"
+_WORKER = "import sys; from deepdigits.classifier import _member_worker; sys.exit(_member_worker(sys.argv[1]))"
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def member_processes(members: int, processes: int | None = None, cores: int | None = None) -> int:
+    """How many worker processes train an ensemble's ``members`` at once: ``processes`` where given (at most
+    one per member), else one per 2 cores (a member keeps 2 threads, the fewest it trains with by default on
+    a 2-core machine), and 1, in this process, where that leaves fewer than 2."""
+    if processes is not None:
+        if processes < 1:
+            raise DeepDigitsError(f"processes: expected 1 or more, got {processes}")
+        return min(processes, members)
+    count = min(members, (cores or available_cores()) // 2)
+    return count if count >= 2 else 1
+
+
+def _save_dataset(ds: Dataset, folder: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(getattr(ds, k)) for k in ("x_train", "y_train", "x_test", "y_test")},
+              str(folder / _DATA_FILE))
+    info = {"name": ds.name, "class_names": list(ds.class_names), "source": ds.source, "checksums": ds.checksums}
+    (folder / _DATA_INFO).write_text(json.dumps(info), encoding="utf-8")
+
+
+def _load_dataset(folder: Path) -> Dataset:
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(folder / _DATA_FILE))
+    info = json.loads((folder / _DATA_INFO).read_text(encoding="utf-8"))
+    return Dataset(name=info["name"], class_names=tuple(info["class_names"]), source=info["source"],
+                   checksums=dict(info["checksums"]), **arrays)
+
+
+def _member_worker(spec_path: str) -> int:
+    """A worker process's life: train the member its JSON spec names, save it as a bundle; the exit status."""
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    torch.set_num_threads(int(spec["threads"]))
+    try:
+        member = train_recipe(spec["recipe"], dataset=_load_dataset(Path(spec["data"])), seed=int(spec["seed"]),
+                              verbose=0, **spec["overrides"])
+        if member.interrupted:
+            return 130
+        member.save(spec["out"])
+    except DeepDigitsError as exc:
+        print(f"deepdigits: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _train_members_in_processes(chosen: Recipe, ds: Dataset, overrides: dict, workers: int,
+                                work_dir: str | os.PathLike | None, verbose: int) -> list[Classifier]:
+    """Train ``chosen``'s members in ``workers`` processes at once, each with its seed and a share of the
+    cores (as ``train_recipe`` would one after another), and load them back from the bundles they saved."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    threads = max(1, available_cores() // workers)
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=work_dir, prefix=".members-", suffix=".tmp"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
+    running: dict[int, tuple[subprocess.Popen, object, float]] = {}
+    try:
+        _save_dataset(ds, work)
+        waiting = list(range(chosen.members))
+        if verbose:
+            print(f"Ensemble: {chosen.members} members in {workers} processes of {threads} thread"
+                  f"{'s' * (threads != 1)} each", file=sys.stderr)
+        while waiting or running:
+            while waiting and len(running) < workers:
+                i = waiting.pop(0)
+                spec = {"recipe": chosen.member_recipe, "seed": chosen.seed + i, "overrides": overrides,
+                        "threads": threads, "data": str(work), "out": str(work / f"member-{i + 1}")}
+                spec_path = work / f"member-{i + 1}.json"
+                spec_path.write_text(json.dumps(spec), encoding="utf-8")
+                log = open(work / f"member-{i + 1}.log", "w+b")  # noqa: SIM115 - closed when the worker ends
+                running[i] = (subprocess.Popen([sys.executable, "-c", _WORKER, str(spec_path)], env=env,
+                                               stdout=log, stderr=log), log, time.monotonic())
+            time.sleep(0.2)
+            for i, (process, log, started) in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del running[i]
+                log.seek(0)
+                lines = log.read().decode("utf-8", "replace").strip().splitlines()
+                log.close()
+                if code == 130:
+                    raise KeyboardInterrupt
+                if code != 0:
+                    last = lines[-1] if lines else f"exit status {code}"
+                    raise DeepDigitsError(f"ensemble member {i + 1} failed: {last.removeprefix('deepdigits: error: ')}")
+                if verbose:
+                    print(f"Ensemble member {i + 1}/{chosen.members} trained in {time.monotonic() - started:.1f} s",
+                          file=sys.stderr)
+        return [Classifier.load(work / f"member-{i + 1}") for i in range(chosen.members)]
+    finally:
+        for process, log, _ in running.values():  # an error or Ctrl-C: stop the others
+            process.terminate()
+            process.wait()
+            log.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _calibrate_held_out(clf: Classifier, ds: Dataset, held_out: range | None, verbose: int = 0) -> None:

@@ -229,108 +229,59 @@ def add_train(commands) -> None:
     train.set_defaults(handler=cmd_train)
 
 
-def _default_out(recipe: str) -> Path:
-    base = Path("runs") / recipe
-    candidate, n = base, 2
-    while candidate.exists():
-        candidate = base.with_name(f"{base.name}-{n}")
-        n += 1
-    return candidate
-
-
-def _remove_empty_run(root: Path, out: Path) -> None:
-    """Take back the options a run recorded when it ends before its first checkpoint."""
-    from .checkpoint import OPTIONS_FILE, has_checkpoint
-
-    if root.is_dir() and not has_checkpoint(root):
-        (root / OPTIONS_FILE).unlink(missing_ok=True)
-        for folder in (root, out):
-            try:
-                folder.rmdir()  # only where nothing else is left
-            except OSError:
-                break
+def _run_options(args) -> dict:
+    """The keyword arguments of ``runs.train_run`` (and ``runs.train_argv``) that ``train``'s options give."""
+    return {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr, "seed": args.seed,
+            "dataset": args.dataset, "data_dir": args.data_dir, "checkpoint_every": args.checkpoint_every,
+            "resume": args.resume, "keep_checkpoints": args.keep_checkpoints}
 
 
 def _train_argv(args, out: Path | None) -> list[str]:
     """``args`` as a ``deepdigits train`` command line again (for the processes ``--processes`` starts)."""
-    argv = ["train"]
-    for option, value in (("--recipe", args.recipe), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
-                          ("--lr", args.lr), ("--seed", args.seed), ("--dataset", args.dataset),
-                          ("--data-dir", args.data_dir), ("--out", out), ("--checkpoint-every", args.checkpoint_every),
-                          ("--resume", args.resume)):
-        if value is not None:
-            argv += [option, str(value)]
-    return argv + ["--keep-checkpoints"] * args.keep_checkpoints + ["--quiet"] * args.quiet
+    from .runs import train_argv
+
+    return train_argv(args.recipe, out, quiet=args.quiet, **_run_options(args))
 
 
 def cmd_train(args) -> int:
-    from . import checkpoint, distributed
+    from . import distributed, runs
 
     if args.processes is not None:
         _check_range("--processes", args.processes, 1, 1024)
-    if args.processes and args.processes > 1 and not distributed.launched():
+    if args.checkpoint_every is not None:
+        _check_range("--checkpoint-every", args.checkpoint_every, 1, 1_000_000)
+    if args.processes and args.processes > 1 and not distributed.launched() and not runs.is_ensemble(args.recipe):
         # one output folder for all: named here, not by each process
-        out = Path(args.out) if args.out else None if args.resume else _default_out(args.recipe or "tutorial-003")
+        out = Path(args.out) if args.out else None if args.resume else runs.default_out(args.recipe)
         return distributed.launch(args.processes, _train_argv(args, out))
     try:
-        return _train(args, checkpoint)
+        return _train(args)
     finally:
         distributed.teardown()
 
 
-def _train(args, checkpoint) -> int:
-    from .classifier import train_recipe
+def _train(args) -> int:
     from .distributed import setup
     from .evaluate import format_headline
-    from .plots import bundle_figures
     from .progress import epochs_text
+    from .runs import resume_hint, run_folders, train_run
 
     world = setup()  # None unless started by torchrun
-    main_process = world is None or world.rank == 0
-    if args.checkpoint_every is not None:
-        _check_range("--checkpoint-every", args.checkpoint_every, 1, 1_000_000)
-    if args.resume:
-        root = checkpoint.checkpoint_root(args.resume)
-        recorded = checkpoint.read_options(root)
-        out = Path(args.out) if args.out else (root.parent if root.name == checkpoint.CHECKPOINT_DIR else root)
-    else:
-        out = Path(args.out) if args.out else _default_out(args.recipe or "tutorial-003")
-        root, recorded = out / checkpoint.CHECKPOINT_DIR, {}
-    if out.exists() and not out.is_dir():
-        raise DeepDigitsError(f"--out {out}: exists and is not a folder")
-    every = args.checkpoint_every or int(recorded.get("checkpoint_every") or 1)
-    keep = args.keep_checkpoints or bool(recorded.get("keep_checkpoints"))
-    # Recorded for --resume before the first epoch; a new run leaves another run's checkpoint alone (and is refused).
-    if main_process and bool(args.resume) == checkpoint.has_checkpoint(root):
-        checkpoint.write_options(root, {"checkpoint_every": every, "keep_checkpoints": keep})
-    try:
-        clf = train_recipe(
-            args.recipe, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-            batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, verbose=0 if args.quiet else 1,
-            checkpoint_dir=root, checkpoint_every=every, resume=args.resume,
-        )
-    except BaseException:
-        if main_process:
-            _remove_empty_run(root, out)
-        raise
-    if not main_process:  # rank 0 writes the bundle
+    out, root = run_folders(args.recipe, args.out, args.resume)
+    clf = train_run(args.recipe, out, processes=args.processes, verbose=0 if args.quiet else 1, **_run_options(args))
+    if world is not None and world.rank != 0:  # rank 0 writes the bundle
         return 130 if clf.interrupted else 0
-    if not clf.history:
-        _remove_empty_run(root, out)
+    if not clf.history and clf.architecture != "ensemble":
         print("deepdigits: interrupted before the first epoch finished; nothing saved", file=sys.stderr)
         return 130
-    if keep or clf.interrupted:
-        with checkpoint.kept_through_save(out):
-            clf.save(out, extra_files=bundle_figures(clf))
-    else:  # a bundle saved over OUT replaces the folder whole, its checkpoint with it
-        clf.save(out, extra_files=bundle_figures(clf))
-        checkpoint.remove_checkpoints(root)
     if clf.metrics:
         print(format_headline(clf.metrics))
-    print(f"saved model bundle: {out}  ({epochs_text(len(clf.history))}, {clf.train_seconds:.1f} s training)")
+    trained = (f"{len(clf.recipe['members'])} members" if clf.architecture == "ensemble"
+               else epochs_text(len(clf.history)))
+    print(f"saved model bundle: {out}  ({trained}, {clf.train_seconds:.1f} s training)")
     if clf.interrupted:
         print("deepdigits: training was interrupted; the bundle holds the last finished epoch; continue with "
-              f"deepdigits train --resume {out if root.parent == out else root}", file=sys.stderr)
+              f"{resume_hint(out, root)}", file=sys.stderr)
         return 130
     return 0
 

@@ -1,0 +1,142 @@
+"""runs.train_run: a run in its folder from Python — resume, checkpoints kept or removed, ensembles in processes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepdigits import checkpoint, train
+from deepdigits.classifier import member_processes, train_recipe
+from deepdigits.data import Dataset
+from deepdigits.errors import DeepDigitsError
+from deepdigits.recipes import Recipe
+from deepdigits.runs import default_out, run_folders, train_run
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def interrupt_in_epoch(monkeypatch, stop: int):
+    """Ctrl-C in epoch ``stop`` of every run until the returned function is called."""
+    original = train.TrainingRun.train_epoch
+
+    def interrupted(self, epoch):
+        if epoch == stop:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(train.TrainingRun, "train_epoch", interrupted)
+    return lambda: monkeypatch.setattr(train.TrainingRun, "train_epoch", original)
+
+
+def test_a_run_interrupted_and_resumed_from_python_ends_as_the_uninterrupted_one(tiny, tmp_path, monkeypatch):
+    _, source = tiny
+    out = tmp_path / "run"
+    no_more_interruptions = interrupt_in_epoch(monkeypatch, 2)
+    clf = train_run("tutorial-004", out, dataset="tiny", data_dir=source, epochs=3, verbose=0, figures=False)
+    assert clf.interrupted and len(clf.history) == 1
+    # the bundle holds epoch 1, the checkpoint stays for resume
+    assert json.loads((out / "model.json").read_text())["interrupted"] is True
+    assert (out / "checkpoint" / "epoch-000001").is_dir()
+    assert checkpoint.read_options(out / "checkpoint") == {"checkpoint_every": 1, "keep_checkpoints": False}
+
+    no_more_interruptions()
+    resumed = train_run(resume=out, data_dir=source, verbose=0, figures=False)
+    assert not resumed.interrupted and [e["epoch"] for e in resumed.history] == [1, 2, 3]
+    assert not (out / "checkpoint").exists()  # removed with the finished run's bundle
+    uninterrupted = train_recipe("tutorial-004", dataset="tiny", data_dir=source, epochs=3, verbose=0)
+    assert same_tensors(uninterrupted.network.state_dict(), resumed.network.state_dict())
+    from safetensors.torch import load_file
+
+    assert same_tensors(uninterrupted.network.state_dict(), load_file(out / "model.safetensors"))
+    assert sorted(p.name for p in out.iterdir()) == ["history.csv", "model.json", "model.safetensors"]
+
+
+def test_keep_checkpoints_is_recorded_and_kept_on_resume(tiny, tmp_path, monkeypatch):
+    _, source = tiny
+    out = tmp_path / "run"
+    no_more_interruptions = interrupt_in_epoch(monkeypatch, 2)
+    train_run("tutorial-004", out, dataset="tiny", data_dir=source, epochs=2, keep_checkpoints=True,
+              checkpoint_every=1, verbose=0, figures=False)
+    no_more_interruptions()
+    train_run(resume=out, data_dir=source, verbose=0, figures=False)  # keep_checkpoints as the run recorded
+    assert (out / "checkpoint" / "epoch-000002").is_dir() and (out / "model.json").is_file()
+
+
+def test_a_run_stopped_before_its_first_epoch_leaves_no_folder(tiny, tmp_path, monkeypatch):
+    _, source = tiny
+    out = tmp_path / "runs" / "empty"
+    interrupt_in_epoch(monkeypatch, 1)
+    clf = train_run("tutorial-004", out, dataset="tiny", data_dir=source, epochs=2, verbose=0, figures=False)
+    assert clf.history == [] and clf.interrupted
+    assert not out.exists() and (tmp_path / "runs").is_dir()  # only the run's own folder goes
+
+
+def test_refusals_are_one_line(tiny, tmp_path):
+    _, source = tiny
+    with pytest.raises(DeepDigitsError, match=r"^checkpoint_every: expected 1-1000000, got 0$"):
+        train_run("tutorial-004", tmp_path / "a", dataset="tiny", data_dir=source, checkpoint_every=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DeepDigitsError, match="exists and is not a folder"):
+        train_run("tutorial-004", tmp_path / "file", dataset="tiny", data_dir=source, verbose=0)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint found"):
+        train_run(resume=tmp_path / "nothing", verbose=0)
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_run_folders_and_default_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert default_out("fast").as_posix() == "runs/fast"
+    (tmp_path / "runs" / "fast").mkdir(parents=True)
+    (tmp_path / "runs" / "fast-2").mkdir()
+    assert default_out("fast").as_posix() == "runs/fast-3"
+    assert run_folders("fast", "x") == (Path("x"), Path("x/checkpoint"))
+    assert run_folders(None, None, "runs/fast")[0].as_posix() == "runs/fast"  # resumed: the run's own folder
+
+
+def test_member_processes():
+    assert member_processes(3, cores=2) == 1  # one member's 2 threads take the machine: in this process
+    assert member_processes(3, cores=4) == 2 and member_processes(3, cores=64) == 3
+    assert member_processes(3, 2) == 2 and member_processes(3, 8) == 3 and member_processes(3, 1) == 1
+    with pytest.raises(DeepDigitsError, match="processes: expected 1 or more, got 0"):
+        member_processes(3, 0)
+
+
+def test_ensemble_members_trained_in_processes_equal_those_trained_one_after_another(mnist, tmp_path):
+    ds = Dataset(name="mnist", x_train=mnist.x_train[:1200], y_train=mnist.y_train[:1200], x_test=mnist.x_test[:300],
+                 y_test=mnist.y_test[:300], class_names=mnist.class_names, source="test slice",
+                 checksums=mnist.checksums)
+    recipe = Recipe("ensemble-test", "ensemble", "adamw", 0.001, 128, 1, seed=3, members=2,
+                    member_recipe="tutorial-004")
+    out = tmp_path / "ens"
+    parallel = train_run(recipe, out, processes=2, dataset=ds, epochs=1, verbose=0, figures=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the 2 workers on this machine: the same float additions
+    try:
+        sequential = train_recipe(recipe, dataset=ds, epochs=1, processes=1, verbose=0)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(parallel.network.members, sequential.network.members, strict=True):
+        assert same_tensors(a.state_dict(), b.state_dict())
+    assert [m["seed"] for m in parallel.recipe["members"]] == [3, 4]
+    assert parallel.temperature == sequential.temperature
+    # scored here on 2 threads, there on 1: the same predictions, sums in another order
+    assert parallel.metrics["confusion_matrix"] == sequential.metrics["confusion_matrix"]
+    assert parallel.metrics["loss"] == pytest.approx(sequential.metrics["loss"], rel=1e-6)
+    assert parallel.calibration["fit_on"] == sequential.calibration["fit_on"]
+    # the workers' folder is gone: the bundle alone is left
+    assert sorted(p.name for p in out.iterdir()) == ["history.csv", "model.json", "model.safetensors"]
+
+
+def test_a_failing_member_process_is_one_line_and_leaves_no_folder(mnist, tmp_path):
+    ds = Dataset(name="mnist", x_train=mnist.x_train[:600], y_train=mnist.y_train[:600], x_test=mnist.x_test[:100],
+                 y_test=mnist.y_test[:100], class_names=mnist.class_names, source="test slice",
+                 checksums=mnist.checksums)
+    recipe = Recipe("ensemble-test", "ensemble", "adamw", 0.001, 128, 1, members=2, member_recipe="no-such-recipe")
+    out = tmp_path / "ens"
+    with pytest.raises(DeepDigitsError, match=r"^ensemble member \d failed: unknown recipe 'no-such-recipe'; "
+                                              r"expected one of: [^\n]*$"):
+        train_run(recipe, out, processes=2, dataset=ds, verbose=0, figures=False)
+    assert not out.exists()
