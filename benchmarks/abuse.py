@@ -17,14 +17,12 @@ tracebacks in its stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import http.client
 import io
 import json
 import multiprocessing
 import os
-import platform
 import random
 import select
 import socket
@@ -37,31 +35,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from _server import free_port, machine_line, wait_until_up
 from PIL import Image
 
 ROUTES = ("/api/predict", "/api/predict/batch", "/api/read-number")
 CHUNKED_CAP = 64 * 2**20  # a chunked upload stops here if no answer came (a server without a limit takes it all)
 SLOW_SOCKETS = 20  # of each slow kind, held by the slow client
 SLOW_GIVE_UP_S = 12.0  # a slow connection still open after this is counted "still open"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(port: int, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            connection.request("GET", "/healthz")
-            if connection.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit("server did not start")
 
 
 def mnist_digits(count: int = 32) -> list[tuple[bytes, int]]:
@@ -286,20 +266,6 @@ def run_phase(port: int, digits, seconds: float, good_clients: int, hostile_clie
         for name, values in extra.items():
             tally.extra[name].extend(values)
     return elapsed
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    try:
-        import torch
-
-        capability = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # only for the report
-        capability = "unknown"
-    return f"{cpu}, vector extension {capability}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def cpu_seconds(pid: int) -> float:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import http.client
 import io
-import platform
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 import numpy as np
+from _server import free_port, machine_line, wait_until_up
 from PIL import Image, ImageDraw
 
 
@@ -30,25 +29,6 @@ def drawn_seven() -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(port: int, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            connection.request("GET", "/healthz")
-            if connection.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit("server did not start")
 
 
 def client(port: int, body: bytes, stop_at: float, latencies: list[float], errors: list[str]) -> None:
@@ -81,8 +61,7 @@ def main() -> None:
     rows = []
     for runtime in args.runtime:
         rows += measure(runtime, args)
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}, "
-          f"{__import__('os').cpu_count()} cores; {args.seconds:.0f} s per run; POST /api/predict with a 280x280 PNG")
+    print(f"machine: {machine_line()}; {args.seconds:.0f} s per run; POST /api/predict with a 280x280 PNG")
     print()
     print("| runtime | clients | requests | requests/s | p50 ms | p99 ms | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")

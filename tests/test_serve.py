@@ -16,6 +16,8 @@ from PIL import Image
 
 from deepdigits import serve as serve_module
 from deepdigits.predictor import builtin_model
+from deepdigits.recognize import read_digits, read_number
+from deepdigits.segment import find_digits
 from deepdigits.serve import LOCAL_HOSTS, MAX_BATCH, HostAllowList, create_app
 from deepdigits.synthetic import render_digit, render_number
 
@@ -95,6 +97,21 @@ def test_read_number(client, mnist):
     body = response.json()
     assert response.status_code == 200 and body["number"] == "7210"
     assert [len(d["box"]) for d in body["digits"]] == [4, 4, 4, 4] and body["width"] > body["height"]
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_read_number_reads_touching_digits_apart_as_the_cli_does(client, mnist, seed):
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(mnist.x_test), 4, replace=False)
+    truth = "".join(str(mnist.y_test[i]) for i in picks)  # 5795, 4821
+    photo = render_number([mnist.x_test[i] for i in picks], rng, touching=1.0)  # every digit against the last
+    assert read_digits(find_digits(photo), builtin_model()).number != truth  # cut without the model: misread
+    response = client.post("/api/read-number", content=photo, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["number"] == truth and len(body["digits"]) == 4
+    expected = json.loads(json.dumps(read_number(photo).to_dict()))  # boxes as JSON has them: lists
+    assert body == {**expected, "width": body["width"], "height": body["height"], "model": "best-cnn"}
 
 
 def test_read_number_bad_images_are_422_naming_the_file(client):

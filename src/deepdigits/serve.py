@@ -593,7 +593,7 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
     predictor = _predictor(model, runtime)
     card = predictor.card()
     model_name = card.name
-    lock = threading.Lock()  # one inference at a time: the CPU's cores go to each request's batch
+    serialised = _OneCallAtATime(predictor)
     gate = _WorkGate(heavy_slots, heavy_queue, work_timeout)
     app = FastAPIOffline(
         title="deepdigits",
@@ -627,8 +627,7 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
             if failures:
                 raise ApiError(422, failures[0].message)
             ready.extend(prepared)
-        with lock:
-            results = answer_prepared(ready, predictor, 3, min_confidence)
+        results = answer_prepared(ready, serialised, 3, min_confidence)
         return [{**r.prediction.to_dict(), "model": model_name, "seen": _png_data_url(r.seen)} for r in results]
 
     def confidence_param(request: Request) -> float:
@@ -685,12 +684,11 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
             name, item = _inputs(content_type, body, many=False, max_batch=max_batch)[0]
             if isinstance(item, np.ndarray):
                 raise ApiError(422, "read-number needs an image, not a 28x28 pixel array")
-            try:
-                found = find_digits(item, name)  # decoding and segmenting need no lock
+            try:  # as read_number does: the model chooses where touching digits part (bounded by time_limit)
+                found = find_digits(item, name, predictor=serialised)
             except DeepDigitsError as exc:
                 raise ApiError(422, str(exc)) from None
-            with lock:
-                reading = read_digits(found, predictor, min_confidence)
+            reading = read_digits(found, serialised, min_confidence)
             return {**reading.to_dict(), "width": reading.size[0], "height": reading.size[1], "model": model_name}
 
         return await gate.run(work)
@@ -718,6 +716,45 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
         return Response(status_code=204)
 
     return app
+
+
+class _OneCallAtATime:
+    """The served predictor with each model call under one lock, everything else passed through.
+
+    One inference at a time: the CPU's cores go to each call's batch (and ``device.threads_for`` may set
+    torch's process-wide thread count for it). The lock is taken per call, not per request, so a read-number
+    request, which calls the model many times while it looks for where touching digits part, never holds it
+    for long: a single digit waits at most one call, not a whole segmentation (up to ``segment.TIME_LIMIT``).
+    Lock order: ``outliers``' hook lock, then this one; nothing here calls back into outliers under it.
+    """
+
+    def __init__(self, predictor: Predictor):
+        self._predictor = predictor
+        self._lock = threading.Lock()
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._predictor.predict_proba(images)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._predictor.predict(images)
+
+    def card(self):
+        return self._predictor.card()
+
+    def __getattr__(self, name: str) -> Any:
+        """The model's own attributes (network, class_names, extra with its open_set); any other ``predict*``
+        call it has (an exported model's ``predict_with_features``) under the lock too."""
+        found = getattr(self._predictor, name)
+        if not (name.startswith("predict") and callable(found)):
+            return found
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return found(*args, **kwargs)
+
+        return locked
 
 
 def _predictor(model, runtime: str) -> Predictor:
