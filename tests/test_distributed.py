@@ -157,12 +157,13 @@ def test_steps_leave_no_process_without_examples():
 
 
 def test_processes_pass_the_same_command_line_on():
-    from deepdigits.cli import _train_argv, build_parser
+    from deepdigits.cli import _run_options, build_parser
+    from deepdigits.runs import train_argv
 
     argv = ["train", "--recipe", "fast", "--epochs", "3", "--lr", "0.0125", "--seed", "4", "--data-dir", "d",
             "--checkpoint-every", "2", "--keep-checkpoints", "--quiet", "--processes", "2"]
     args = build_parser().parse_args(argv)
-    again = build_parser().parse_args(_train_argv(args, Path("runs/x")))
+    again = build_parser().parse_args(train_argv(args.recipe, Path("runs/x"), quiet=args.quiet, **_run_options(args)))
     assert again.processes is None and again.out == "runs/x"
     assert {k: v for k, v in vars(again).items() if k not in ("processes", "out", "handler")} == {
         k: v for k, v in vars(args).items() if k not in ("processes", "out", "handler")}

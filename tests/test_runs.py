@@ -140,3 +140,55 @@ def test_a_failing_member_process_is_one_line_and_leaves_no_folder(mnist, tmp_pa
                                               r"expected one of: [^\n]*$"):
         train_run(recipe, out, processes=2, dataset=ds, verbose=0, figures=False)
     assert not out.exists()
+
+
+PARENT = """
+import sys
+from deepdigits.data import load_dataset, Dataset
+from deepdigits.recipes import Recipe
+from deepdigits.runs import train_run
+
+full = load_dataset("mnist", data_dir=sys.argv[2])
+ds = Dataset(name="mnist", x_train=full.x_train[:1200], y_train=full.y_train[:1200], x_test=full.x_test[:100],
+             y_test=full.y_test[:100], class_names=full.class_names, source="test slice", checksums=full.checksums)
+recipe = Recipe("ensemble-test", "ensemble", "adamw", 0.001, 128, 1, members=2, member_recipe="tutorial-004")
+train_run(recipe, sys.argv[1], processes=2, dataset=ds, epochs=500, verbose=0, figures=False)
+"""
+
+
+def worker_pids(work: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(work).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_member_processes_stop_when_their_parent_is_killed(data_root, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ens"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(out), str(data_root)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (list(out.glob(".members-*/member-2.json")) and
+                                                    worker_pids(next(out.glob(".members-*")))):
+            time.sleep(0.2)
+        work = next(out.glob(".members-*"))
+        assert len(worker_pids(work)) == 2
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 15
+    while worker_pids(work) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert worker_pids(work) == []

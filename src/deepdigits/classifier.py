@@ -445,8 +445,17 @@ def _load_dataset(folder: Path) -> Dataset:
 
 def _member_worker(spec_path: str) -> int:
     """A worker process's life: train the member its JSON spec names, save it as a bundle; the exit status."""
+    import threading
+
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     torch.set_num_threads(int(spec["threads"]))
+
+    def stop_when_orphaned() -> None:  # the parent was killed: its member is no longer wanted
+        while os.getppid() == spec["parent"]:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=stop_when_orphaned, daemon=True).start()
     try:
         member = train_recipe(spec["recipe"], dataset=_load_dataset(Path(spec["data"])), seed=int(spec["seed"]),
                               verbose=0, **spec["overrides"])
@@ -487,7 +496,8 @@ def _train_members_in_processes(chosen: Recipe, ds: Dataset, overrides: dict, wo
             while waiting and len(running) < workers:
                 i = waiting.pop(0)
                 spec = {"recipe": chosen.member_recipe, "seed": chosen.seed + i, "overrides": overrides,
-                        "threads": threads, "data": str(work), "out": str(work / f"member-{i + 1}")}
+                        "threads": threads, "data": str(work), "out": str(work / f"member-{i + 1}"),
+                        "parent": os.getpid()}
                 spec_path = work / f"member-{i + 1}.json"
                 spec_path.write_text(json.dumps(spec), encoding="utf-8")
                 log = open(work / f"member-{i + 1}.log", "w+b")  # noqa: SIM115 - closed when the worker ends

@@ -237,13 +237,6 @@ def _run_options(args) -> dict:
             "resume": args.resume, "keep_checkpoints": args.keep_checkpoints}
 
 
-def _train_argv(args, out: Path | None) -> list[str]:
-    """``args`` as a ``deepdigits train`` command line again (for the processes ``--processes`` starts)."""
-    from .runs import train_argv
-
-    return train_argv(args.recipe, out, quiet=args.quiet, **_run_options(args))
-
-
 def cmd_train(args) -> int:
     from . import distributed, runs
 
@@ -252,9 +245,8 @@ def cmd_train(args) -> int:
     if args.checkpoint_every is not None:
         _check_range("--checkpoint-every", args.checkpoint_every, 1, 1_000_000)
     if args.processes and args.processes > 1 and not distributed.launched() and not runs.is_ensemble(args.recipe):
-        # one output folder for all: named here, not by each process
-        out = Path(args.out) if args.out else None if args.resume else runs.default_out(args.recipe)
-        return distributed.launch(args.processes, _train_argv(args, out))
+        # one output folder for all: named by launch, not by each process
+        return runs.launch(args.processes, args.recipe, args.out, quiet=args.quiet, **_run_options(args))
     try:
         return _train(args)
     finally:

@@ -78,7 +78,13 @@ def launch(processes: int, recipe: str | None = None, out: str | os.PathLike | N
 
     if out is None and options.get("resume") is None:
         out = default_out(recipe)
+    _check_every(options.get("checkpoint_every"))
     return distributed.launch(processes, train_argv(recipe, out, **options))
+
+
+def _check_every(checkpoint_every: int | None) -> None:
+    if checkpoint_every is not None and not 1 <= checkpoint_every <= 1_000_000:
+        raise DeepDigitsError(f"checkpoint_every: expected 1-1000000, got {checkpoint_every}")
 
 
 def _remove_empty_run(root: Path, out: Path) -> None:
@@ -127,8 +133,7 @@ def train_run(
     from . import checkpoint, distributed
     from .classifier import Classifier, train_recipe
 
-    if checkpoint_every is not None and not 1 <= checkpoint_every <= 1_000_000:
-        raise DeepDigitsError(f"checkpoint_every: expected 1-1000000, got {checkpoint_every}")
+    _check_every(checkpoint_every)
     name = recipe.name if isinstance(recipe, Recipe) else recipe
     if processes is not None and processes > 1 and not distributed.launched() and not is_ensemble(recipe):
         if isinstance(recipe, Recipe) or (dataset is not None and not isinstance(dataset, str)):
