@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import platform
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepdigits.atomic import atomic_write, atomic_write_text
 from deepdigits.data import load_dataset
 from deepdigits.errors import DeepDigitsError
 from deepdigits.nondigits import render_nondigit
@@ -34,6 +34,7 @@ from deepdigits.outliers import (
     PICTURE,
     SCRIBBLE,
     SEVERAL,
+    InkMeasures,
     fit_rejection,
     measure_ink,
 )
@@ -96,21 +97,45 @@ def make_inputs(split: str, counts: dict[str, int], seed: int, data_dir: str | N
             "expected": expected, "errors": errors}
 
 
+def cached_inputs(cache: str | None, split: str, counts: dict[str, int], seed: int, data_dir: str | None) -> dict:
+    """``make_inputs``, kept in ``CACHE.npz`` (the images) and ``CACHE.json`` (the rest) to try other fits on.
+
+    Never pickle: the arrays load with ``allow_pickle=False`` and the rest is plain JSON. A cache made for
+    another split, seed or counts is made again.
+    """
+    if not cache:
+        return make_inputs(split, counts, seed=seed, data_dir=data_dir)
+    arrays, sidecar = Path(cache).with_suffix(".npz"), Path(cache).with_suffix(".json")
+    key = {"split": split, "seed": seed, "counts": counts}
+    if arrays.is_file() and sidecar.is_file():
+        document = json.loads(sidecar.read_text(encoding="utf-8"))
+        if document.get("key") == key:
+            with np.load(arrays, allow_pickle=False) as loaded:
+                seen = loaded["seen"]
+            return {"seen": seen, "kinds": document["kinds"], "labels": document["labels"],
+                    "measures": [None if m is None else InkMeasures(**m) for m in document["measures"]],
+                    "expected": document["expected"], "errors": Counter(document["errors"])}
+    data = make_inputs(split, counts, seed=seed, data_dir=data_dir)
+    atomic_write(arrays, lambda tmp: _save_npz(tmp, seen=data["seen"]))
+    atomic_write_text(sidecar, json.dumps({
+        "key": key, "kinds": data["kinds"], "labels": data["labels"], "expected": data["expected"],
+        "measures": [None if m is None else m.to_dict() for m in data["measures"]], "errors": dict(data["errors"]),
+    }))
+    return data
+
+
+def _save_npz(path: str, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: given a name, np.savez would add ".npz" to it
+        np.savez(handle, **arrays)
+
+
 def fit(args) -> None:
     # Half of these fit the head. Fit on 250 letters, 200 symbols and 200 scribbles, it let through 9% of
     # held-out letters and 14% of scribbles; on 550 / 450 / 450, 2%, 3% (symbols) and 8% (same budget)
     counts = {"mnist": 10000, "photo": 2500, "blank": 150, "dot": 150, "dash": 150, "noise": 200, "scribble": 1800,
               "letter": 2200, "symbol": 1800, "several": 250, "fashion": 1500, "fashion-photo": 400}
     started = time.process_time()
-    cache = Path(args.cache) if args.cache else None
-    if cache and cache.is_file():  # the same generated images again (to try other budgets): minutes saved
-        with cache.open("rb") as handle:
-            data = pickle.load(handle)
-    else:
-        data = make_inputs("train", counts, seed=args.seed, data_dir=args.data_dir)
-        if cache:
-            with cache.open("wb") as handle:
-                pickle.dump(data, handle)
+    data = cached_inputs(args.cache, "train", counts, args.seed, args.data_dir)
     kinds = [f"digit:{k}" if reason is None else reason for k, reason in zip(data["kinds"], data["expected"],
                                                                               strict=True)]
     open_set = fit_rejection(builtin_model(), data["seen"], kinds, data["measures"], seed=args.seed)
@@ -120,7 +145,7 @@ def fit(args) -> None:
     path = BUILTIN_MODEL / "model.json"
     document = json.loads(path.read_text(encoding="utf-8"))  # read right before writing: others edit it too
     document["open_set"] = open_set
-    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
     print(f"wrote open_set into {path} ({time.process_time() - started:.0f} s CPU)")
     print(json.dumps({k: open_set["fit"][k] for k in ("thresholds", "held_out_rates")}))
 
@@ -133,7 +158,7 @@ def table(args) -> None:
     counts = {"mnist": 10000, "photo": 1000, "blank": 100, "dot": 100, "dash": 100, "noise": 150, "scribble": 150,
               "letter": 200, "symbol": 200, "several": 100, "fashion": 1000, "fashion-photo": 150}
     started = time.process_time()
-    data = make_inputs("test", counts, seed=args.seed + 1000, data_dir=args.data_dir)
+    data = cached_inputs(args.cache, "test", counts, args.seed + 1000, args.data_dir)
     model = builtin_model()
     answers = _answers(model, data)
     print(f"Command: python benchmarks/trust.py --seed {args.seed}")
@@ -227,7 +252,8 @@ def main() -> None:
     parser.add_argument("--fit", action="store_true", help="fit the built-in model's open_set and write it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--cache", help="with --fit: keep the generated training images in this file, or reuse them")
+    parser.add_argument("--cache", help="keep the generated images in CACHE.npz and CACHE.json, or reuse them "
+                        "(same split, seed and counts)")
     parser.add_argument("--no-latency", action="store_true", help="leave out the latency line")
     parser.add_argument("--latency-only", action="store_true", help="only the latency line")
     args = parser.parse_args()

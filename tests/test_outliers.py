@@ -239,3 +239,45 @@ def test_a_bundle_without_open_set_uses_the_cheap_checks():
     assert open_set_of(clf).head is None and open_set_of(clf).checks == DEFAULTS
     assert predict_digit(click(), clf).reason == DOT_OR_DASH
     assert OpenSet.from_dict(None).to_dict() == {"version": 1, "checks": DEFAULTS}
+
+
+# --------------------------------------------------------------------------- an exported model
+
+
+def test_an_exported_model_rejects_what_the_bundle_rejects(mnist, tmp_path):
+    from deepdigits import load
+    from deepdigits.export import export_onnx
+
+    path = export_onnx(builtin_model(), tmp_path / "model.onnx")
+    exported = load(path)
+    assert exported.open_set == open_set_of(builtin_model()).to_dict()
+    rng = np.random.default_rng(8)
+    images = ([render_nondigit(kind, rng) for kind in ("letter", "symbol", "scribble") * 12]
+              + [render_digit(mnist.x_test[i], rng) for i in range(12)])
+    bundle = reasons_of(images)
+    results, failures = predict_images([(str(i), image) for i, image in enumerate(images)], exported)
+    assert not failures and [r.prediction.reason for r in results] == bundle
+    assert [r.prediction.digit for r in results] == [r.prediction.digit for r in predict_images(
+        [(str(i), image) for i, image in enumerate(images)])[0]]
+    # only the learned head names letters and scribbles (the cheap checks never do): it ran in both
+    assert sum(r in (LETTER, SCRIBBLE) for r in bundle) >= 18
+    assert bundle[-12:].count(None) >= 11
+
+
+def test_an_exported_model_without_a_head_has_one_output_and_a_bad_open_set_is_one_line(tmp_path):
+    import onnx
+
+    from deepdigits import Classifier
+    from deepdigits.errors import DeepDigitsError
+    from deepdigits.export import OnnxClassifier, export_onnx
+
+    plain = OnnxClassifier(export_onnx(Classifier("tutorial-002", seed=0), tmp_path / "plain.onnx"))
+    assert [o.name for o in plain.session.get_outputs()] == ["probabilities"] and plain.open_set is None
+    model = onnx.load(export_onnx(builtin_model(), tmp_path / "model.onnx"))
+    entry = next(p for p in model.metadata_props if p.key == "deepdigits.open_set")
+    document = json.loads(entry.value)
+    document["head"]["scale"][0] = -1.0
+    entry.value = json.dumps(document)
+    onnx.save(model, tmp_path / "bad.onnx")
+    with pytest.raises(DeepDigitsError, match=r"^\S*bad\.onnx: metadata 'deepdigits.open_set': field 'head.scale"):
+        OnnxClassifier(tmp_path / "bad.onnx")

@@ -14,6 +14,7 @@ from torch import nn
 
 from .atomic import atomic_write_bytes
 from .errors import DeepDigitsError
+from .outliers import forward_with_features, last_linear, open_set_document
 from .predictor import ModelCard
 from .preprocess import to_tensor
 
@@ -21,35 +22,48 @@ OPSET = 17
 
 
 class _Probabilities(nn.Module):
-    """The network, its temperature and softmax: the ONNX graph answers with the calibrated probabilities."""
+    """The network, its temperature and softmax: the ONNX graph answers with the calibrated probabilities.
 
-    def __init__(self, network: nn.Module, temperature: float = 1.0):
+    With ``features`` it also answers what the not-a-digit head reads (``outliers``): the last linear
+    layer's input and the logits before the temperature.
+    """
+
+    def __init__(self, network: nn.Module, temperature: float = 1.0, features: bool = False):
         super().__init__()
         self.network = network
         self.temperature = float(temperature)
+        self.features = features
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.network(images)
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, features = forward_with_features(self.network, images) if self.features else (
+            self.network(images), None)
+        raw = logits
         if self.temperature != 1.0:  # a Div node by a constant; an uncalibrated model's graph is as before
             logits = logits / self.temperature
-        return torch.softmax(logits, dim=1)
+        probabilities = torch.softmax(logits, dim=1)
+        return probabilities if features is None else (probabilities, features, raw)
 
 
 def onnx_bytes(classifier) -> bytes:
     """The classifier as an ONNX model: input ``images`` float (N, 1, 28, 28) in [0, 1], output ``probabilities``.
 
     The probabilities are ``softmax(logits / T)`` with the classifier's temperature, as ``predict_proba``.
+    A classifier with a not-a-digit head (``open_set`` with ``head``) also gets outputs ``features`` and
+    ``logits`` and its ``open_set`` in the metadata, so the exported model rejects what the bundle rejects.
     """
     import onnx
 
     temperature = float(getattr(classifier, "temperature", 1.0))
-    module = _Probabilities(classifier.network, temperature).eval()
+    open_set = (getattr(classifier, "extra", None) or {}).get("open_set")
+    tapped = isinstance(open_set, dict) and open_set.get("head") is not None and last_linear(classifier.network)
+    module = _Probabilities(classifier.network, temperature, features=bool(tapped)).eval()
+    names = ["probabilities", "features", "logits"] if tapped else ["probabilities"]
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation; it still works
         torch.onnx.export(
-            module, (torch.zeros(1, 1, 28, 28),), buffer, input_names=["images"], output_names=["probabilities"],
-            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=OPSET, dynamo=False,
+            module, (torch.zeros(1, 1, 28, 28),), buffer, input_names=["images"], output_names=names,
+            dynamic_axes={name: {0: "batch"} for name in ["images", *names]}, opset_version=OPSET, dynamo=False,
         )
     model = onnx.load_from_string(buffer.getvalue())
     metadata = {
@@ -60,6 +74,8 @@ def onnx_bytes(classifier) -> bytes:
         "deepdigits.temperature": repr(temperature),  # already in the graph; recorded for people and tools
         "deepdigits.card": json.dumps(classifier.card().to_dict()),
     }
+    if tapped:
+        metadata["deepdigits.open_set"] = json.dumps(open_set)
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -94,6 +110,10 @@ class OnnxClassifier:
         self.temperature = float(meta.get("deepdigits.temperature", 1.0))  # already applied inside the graph
         self.input_name = self.session.get_inputs()[0].name
         self._card = self._read_card(meta.get("deepdigits.card"), source)
+        outputs = [o.name for o in self.session.get_outputs()]
+        # the not-a-digit head's inputs, where exported with them (outliers.network_outputs reads them)
+        self.open_set = open_set_document(meta.get("deepdigits.open_set"), label) if (
+            outputs[1:3] == ["features", "logits"]) else None
 
     def _read_card(self, stored: str | None, source: str | bytes) -> ModelCard:
         """The card stored at export, else one made from the graph (parameters counted from its weights)."""
@@ -130,6 +150,17 @@ class OnnxClassifier:
         parts = [self.session.run(None, {self.input_name: x[i : i + batch_size]})[0]
                  for i in range(0, len(x), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.class_names)), np.float32)
+
+    def predict_with_features(self, images: np.ndarray, batch_size: int = 1024) -> tuple:
+        """``(probabilities, features, logits)`` as ``outliers.network_outputs``; None for a graph without them."""
+        if self.open_set is None:
+            return self.predict_proba(images, batch_size), None, None
+        x = to_tensor(images, self.input_scale).numpy()
+        parts = [self.session.run(["probabilities", "features", "logits"], {self.input_name: x[i : i + batch_size]})
+                 for i in range(0, len(x), batch_size)]
+        if not parts:
+            return self.predict_proba(images), None, None
+        return tuple(np.concatenate([p[k] for p in parts]).astype(np.float64 if k else np.float32) for k in range(3))
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """The most probable class of each image."""

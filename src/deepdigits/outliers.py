@@ -21,8 +21,9 @@
 #    a digit. Shipped: fit on 1,100 / 900 / 900 with the tighter budget of ``fit_rejection``, it lets
 #    through 6.5 / 4.5 / 12% of the test images of ``benchmarks/trust.py``.
 #
-# A bundle without ``open_set`` (or a predictor that shows no features, such as ONNX Runtime) gets the
-# cheap checks only.
+# An exported model (``export.onnx_bytes``) carries the head in its metadata and its inputs as extra graph
+# outputs, so ONNX Runtime rejects what the bundle rejects. A bundle without ``open_set``, an ONNX file
+# without those outputs, or any other ``Predictor`` that shows no features gets the cheap checks only.
 
 from __future__ import annotations
 
@@ -229,10 +230,10 @@ def logit_features(logits: np.ndarray) -> np.ndarray:
 _HOOK_LOCK = threading.Lock()
 
 
-def _last_linear(predictor: Any):
+def last_linear(network: Any):
+    """The network's last ``torch.nn.Linear`` (whose input the head reads), or None."""
     import torch
 
-    network = getattr(predictor, "network", None)
     if not isinstance(network, torch.nn.Module):
         return None
     linears = [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
@@ -242,12 +243,15 @@ def _last_linear(predictor: Any):
 def network_outputs(predictor: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``predict_proba`` of the images, with what the network's last linear layer read and wrote where it shows them.
 
-    Returns ``(probabilities, features, logits)``; the last two are None for a predictor that is not a
-    PyTorch network (ONNX Runtime, any other ``Predictor``). One pass: a forward hook on that layer records
-    its input (the penultimate features) and output (the logits, before any temperature) while
-    ``predict_proba`` runs.
+    Returns ``(probabilities, features, logits)``; the last two are None for a predictor that shows neither.
+    A PyTorch network shows them in one pass: a forward hook on that layer records its input (the
+    penultimate features) and output (the logits, before any temperature) while ``predict_proba`` runs.
+    An exported model shows them as extra outputs of its graph (``export.OnnxClassifier.predict_with_features``).
     """
-    linear = _last_linear(predictor)
+    with_features = getattr(predictor, "predict_with_features", None)
+    if callable(with_features):
+        return with_features(images)
+    linear = last_linear(getattr(predictor, "network", None))
     if linear is None:
         return predictor.predict_proba(images), None, None
     inputs: list = []
@@ -266,6 +270,44 @@ def network_outputs(predictor: Any, images: np.ndarray) -> tuple[np.ndarray, np.
     if not inputs or sum(len(x) for x in inputs) != len(probabilities):
         return probabilities, None, None
     return probabilities, np.concatenate(inputs).astype(np.float64), np.concatenate(outputs).astype(np.float64)
+
+
+def forward_with_features(network: Any, images: Any) -> tuple[Any, Any | None]:
+    """``(logits, features)`` of a PyTorch network in one pass: features are its last linear layer's input.
+
+    For graphs that must show the head's inputs (``export.onnx_bytes`` traces through this); features is
+    None where the network has no linear layer.
+    """
+    linear = last_linear(network)
+    if linear is None:
+        return network(images), None
+    given: list = []
+    handle = linear.register_forward_hook(lambda _module, inputs, _output: given.append(inputs[0]))
+    try:
+        logits = network(images)
+    finally:
+        handle.remove()
+    return logits, given[-1].flatten(1) if given else None
+
+
+def open_set_document(text: str | None, label: str) -> dict | None:
+    """An ``open_set`` stored as JSON text (an exported model's metadata), checked as a bundle's is.
+
+    None where there is none; a ``DeepDigitsError`` naming ``label`` where it is not a valid ``open_set``.
+    """
+    if not text:
+        return None
+    from pydantic import ValidationError
+
+    from .errors import DeepDigitsError
+    from .schema import OpenSet as OpenSetSchema
+    from .schema import error_line
+
+    try:
+        return OpenSetSchema.model_validate(json.loads(text)).model_dump(exclude_unset=True)
+    except (ValueError, RecursionError) as exc:
+        detail = error_line(exc) if isinstance(exc, ValidationError) else "not JSON"
+        raise DeepDigitsError(f"{label}: metadata 'deepdigits.open_set': {detail}") from None
 
 
 @dataclass
