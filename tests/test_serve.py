@@ -662,15 +662,20 @@ def process_rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
-@pytest.mark.parametrize("content_type", [f"multipart/form-data; boundary={BOUNDARY}", "image/png",
-                                          "application/json"])
-def test_live_chunked_upload_over_the_limit_is_413_after_the_limit(live, seven, content_type):
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Bodies that start as what they say they are (so that only the limit can stop them), by content type
+PLAUSIBLE_STARTS = [(f"multipart/form-data; boundary={BOUNDARY}", part(data=PNG_SIGNATURE)[:-2]),
+                    ("image/png", PNG_SIGNATURE), ("application/json", b'{"image": "')]
+
+
+@pytest.mark.parametrize(("content_type", "start"), PLAUSIBLE_STARTS, ids=["multipart", "png", "json"])
+def test_live_chunked_upload_over_the_limit_is_413_after_the_limit(live, seven, content_type, start):
     port, _ = live
     before = process_rss()
     began = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nTransfer-Encoding: chunked\r\n"
-                     f"Content-Type: {content_type}\r\n\r\n".encode() + chunk(part(data=b"")[:-2]))
+                     f"Content-Type: {content_type}\r\n\r\n".encode() + chunk(start))
         sent, block = 0, chunk(b"0" * 65536)
         while sent < 400 * 2**20 and not select.select([sock], [], [], 0)[0]:  # until the answer comes
             try:
@@ -685,6 +690,95 @@ def test_live_chunked_upload_over_the_limit_is_413_after_the_limit(live, seven, 
     assert time.perf_counter() - began < ANSWER_WITHIN_S
     assert sent < 32 * 2**20  # 2 MB read, the rest in socket buffers: not 400 MB
     assert process_rss() - before < 64 * 2**20
+    assert_healthy(live, seven)
+
+
+NOT_AN_IMAGE = "not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF or WebP expected)"
+CANNOT_BE_WHAT_THEY_SAY = [  # (content type, start of a large body, status, detail)
+    ("image/png", b"0" * 100, 422, f"body: {NOT_AN_IMAGE}"),
+    ("image/jpeg", PNG_SIGNATURE[:7], 422, f"body: {NOT_AN_IMAGE}"),
+    (f"multipart/form-data; boundary={BOUNDARY}", part(data=b"0" * 100)[:-2], 422, f"a.png: {NOT_AN_IMAGE}"),
+    (f"multipart/form-data; boundary={BOUNDARY}", part("note", None, b"hi") + part(filename="b.gif", data=b"GIF8"),
+     422, f"b.gif: {NOT_AN_IMAGE}"),  # the first *file* is judged
+    ("application/json", b'{"image": ' + b"[" * 9, 422, "JSON body: nested more than 8 levels deep"),
+    ("application/json", b' \r\n["', 422, "JSON body must be an object"),
+    ("text/plain", b"1234", 415, "unsupported Content-Type text/plain; send multipart/form-data (field 'file'), "
+                                 "an image/* body, or application/json"),
+    ("image/svg+xml", b"<svg>", 415, "unsupported image type image/svg+xml; expected one of image/png, "
+                                     "image/jpeg, image/gif, image/bmp, image/tiff, image/webp"),
+]
+
+
+def guard_post(app, content_type: str, body: bytes, piece: int = 16384) -> tuple[int, dict[str, str], dict, int]:
+    """POST ``body`` to the ASGI app in pieces as a server delivers them: (status, headers, JSON, pieces read)."""
+    import asyncio
+
+    pieces = [body[i:i + piece] for i in range(0, len(body), piece)]
+    scope = {"type": "http", "method": "POST", "path": "/api/predict", "raw_path": b"/api/predict",
+             "query_string": b"", "headers": [(b"host", b"localhost"), (b"content-type", content_type.encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "scheme": "http", "http_version": "1.1",
+             "root_path": ""}
+    read, sent = [0], []
+
+    async def receive() -> dict:
+        if read[0] == len(pieces):
+            await asyncio.sleep(60)  # nothing more will come
+        read[0] += 1
+        return {"type": "http.request", "body": pieces[read[0] - 1], "more_body": read[0] < len(pieces)}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    return sent[0]["status"], headers, json.loads(sent[1]["body"]), read[0]
+
+
+@pytest.mark.parametrize(("content_type", "start", "status", "detail"), CANNOT_BE_WHAT_THEY_SAY,
+                         ids=["png", "jpeg", "multipart", "multipart-second-part", "json-deep", "json-array",
+                              "text", "svg"])
+def test_a_large_body_that_cannot_be_what_it_says_is_refused_after_64_kb(content_type, start, status, detail):
+    app = create_app(builtin_model(), max_upload_bytes=2_000_000)
+    body = start + b"0" * (1_900_000 - len(start))  # 116 pieces of 16 KB
+    answer, headers, document, read = guard_post(app, content_type, body)
+    assert (answer, document, headers["connection"]) == (status, {"detail": detail}, "close")
+    assert read == serve_module.SNIFF_BYTES // 16384  # the rest never read
+    # the same start in a body under 64 KB is read whole and judged by the application, with the same status
+    # (and the same words, but for the array: the application finds the padded one malformed first)
+    small = start + b"0" * (1000 - len(start))
+    if content_type.startswith("multipart/"):
+        small += f"\r\n--{BOUNDARY}--\r\n".encode()
+    response = TestClient(app).post("/api/predict", content=small, headers={"Content-Type": content_type})
+    words = "malformed JSON" if start.endswith(b'["') else detail.split(" (")[0]
+    assert response.status_code == status and response.json()["detail"].startswith(words)
+
+
+@pytest.mark.parametrize(("content_type", "start"), PLAUSIBLE_STARTS, ids=["multipart", "png", "json"])
+def test_a_large_body_that_starts_plausibly_is_read_to_the_end(content_type, start):
+    app = create_app(builtin_model(), max_upload_bytes=2_000_000)
+    body = start + b"0" * (1_900_000 - len(start))
+    answer, _, document, read = guard_post(app, content_type, body)
+    assert read == 116 and answer == 422  # judged by the application (it is no image, in the end)
+    assert answer != 413 and "limit" not in document["detail"]
+
+
+def test_live_large_garbage_upload_is_refused_after_its_start(live, seven):
+    port, _ = live
+    began = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"POST /api/read-number HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nTransfer-Encoding: chunked\r\n"
+                     f"Content-Type: image/png\r\n\r\n".encode())
+        sent, block = 0, chunk(b"0" * 65536)
+        while sent < 400 * 2**20 and not select.select([sock], [], [], 0)[0]:
+            try:
+                sock.sendall(block)
+            except OSError:
+                break
+            sent += 65536
+        status, headers, body, closed = read_answer(sock)
+    assert (status, json.loads(body), headers["connection"], closed) == (422, {"detail": f"body: {NOT_AN_IMAGE}"},
+                                                                         "close", True)
+    assert time.perf_counter() - began < 1
     assert_healthy(live, seven)
 
 
