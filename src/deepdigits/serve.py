@@ -1,15 +1,4 @@
-"""The HTTP API and drawing page (``deepdigits serve``): FastAPI, one model loaded at start, works offline.
-
-Every request is bounded before it can cost much (issue 15):
-
-- an outermost ASGI layer (:class:`_Guard`) checks the Host header against an allow-list, reads the whole
-  body itself under a byte limit and a deadline (any transfer encoding, any content type: nothing is spooled
-  to disk), and turns an unexpected exception into a JSON 500 with a one-line log;
-- the parsing and the image work run on a small pool of worker threads behind a gate (:class:`_WorkGate`)
-  that answers 503 with Retry-After when full, and the answer comes within a time budget;
-- JSON is parsed with limits on nesting, on the length of numbers and on the count of values;
-- the HTTP protocol (:func:`server_protocol`) times out headers that never finish and caps open connections.
-"""
+"""The HTTP API and drawing page (``deepdigits serve``): FastAPI, one model loaded at start, works offline."""
 
 from __future__ import annotations
 
@@ -18,14 +7,12 @@ import base64
 import binascii
 import concurrent.futures
 import gc
-import http
 import io
-import ipaddress
 import json
 import logging
 import queue
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -38,6 +25,16 @@ from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from .errors import DeepDigitsError
+from .limits import (
+    BODY_TIMEOUT,
+    LOCAL_HOSTS,
+    MAX_BUFFERED_BYTES,
+    RETRY_AFTER_S,
+    Guard,
+    HostAllowList,
+    Refusal,
+    server_config,
+)
 from .predictor import Predictor, load
 from .recognize import DEFAULT_MIN_CONFIDENCE, answer_prepared, prepare_images, read_digits
 from .segment import find_digits
@@ -45,14 +42,20 @@ from .version import __version__
 
 log = logging.getLogger("deepdigits.serve")
 
+# Every request is bounded before it can cost much (issue 15):
+# - the outermost ASGI layer (limits.Guard) checks the Host header against an allow-list, reads the whole body
+#   itself under a byte limit and a deadline (any transfer encoding, any content type: nothing is spooled to
+#   disk), refuses a large body whose start shows it cannot be what it says (_sniff), and turns an unexpected
+#   exception into a JSON 500 with a one-line log;
+# - the parsing and the image work run on a small pool of worker threads behind a gate (_WorkGate) that
+#   answers 503 with Retry-After when full, and the answer comes within a time budget;
+# - JSON is parsed with limits on nesting, on the length of numbers and on the count of values;
+# - the HTTP protocol (limits.server_protocol) times out headers that never finish and caps open connections.
+
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # one request body; larger gets 413
 MAX_BATCH = 64  # images in one /api/predict/batch request
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/tiff", "image/webp")
 
-# Time. A probe held 400 connections that never finished their headers, or trickled their bodies, open for
-# 20 s and more (uvicorn's h11 protocol has no header timeout, and nothing timed out a body).
-HEADER_TIMEOUT = 5.0  # seconds from connecting (or from the last answer) to a request's complete headers
-BODY_TIMEOUT = 10.0  # seconds from the headers to the end of the body: 8 MB needs 0.8 MB/s, loopback does 300+
 WORK_TIMEOUT = 4.5  # seconds from a body's end to the answer (queueing included): every answer within 5 s
 
 # Heavy work: decoding, preprocessing, segmenting, inference (and parsing JSON/multipart, cheap for good
@@ -62,22 +65,10 @@ WORK_TIMEOUT = 4.5  # seconds from a body's end to the answer (queueing included
 # wait, beyond which the answer is 503 with Retry-After at once instead of a growing backlog.
 HEAVY_SLOTS = 2
 HEAVY_QUEUE = 8
-RETRY_AFTER_S = 1
-
-# Memory held by request bodies of all requests at once (each <= MAX_UPLOAD_BYTES): 16 full-size uploads.
-MAX_BUFFERED_BYTES = 128 * 1024 * 1024
 
 # JSON. The API's deepest valid document is {"images": [[[...]]]} (4 levels); numbers are pixel values.
 MAX_JSON_DEPTH = 8
 MAX_JSON_NUMBER_CHARS = 32  # "-1.2345678901234567e-300" (24) is the longest float JavaScript writes
-
-# Connections. Beyond this many open at once a new one is answered 503 and closed at once, kept below the
-# file-descriptor limit (often 1024) so that accept() never fails with EMFILE (asyncio logs that with a
-# traceback and stops accepting for a second).
-MAX_CONNECTIONS = 900
-# A request line and headers over this: 400 from h11 while they arrive, 431 from the guard if they came in one
-# read (h11 caps only incomplete events: measured, 20 KB of headers in one send were answered 200).
-MAX_HEADER_BYTES = 16 * 1024
 
 # A POST body this large is looked at once its first SNIFF_BYTES have arrived, and refused at once where it
 # cannot be what it says: an image/* body or the first uploaded file not starting as a PNG, JPEG, GIF, BMP,
@@ -90,8 +81,6 @@ IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a",
                     b"II+\x00", b"MM\x00+")  # and RIFF....WEBP
 NOT_AN_IMAGE = "not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF or WebP expected)"  # as preprocess says
 
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
-WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
 
 
 class ApiError(Exception):
@@ -107,228 +96,29 @@ class ApiError(Exception):
         return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
-# --------------------------------------------------------------------------- the Host allow-list
-
-
-def _host_name(value: str) -> str | None:
-    """The name in a Host header or allow-list entry, lower-case, without port, brackets or final dot."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        name, bracket, rest = value[1:].partition("]")
-        if not bracket:
-            return None
-    elif value.count(":") > 1:  # a bare IPv6 address (allow-list entries such as ::1)
-        name, rest = value, ""
-    else:
-        name, colon, port = value.partition(":")
-        rest = colon + port
-    if rest and not (rest[0] == ":" and (rest[1:] == "" or rest[1:].isdigit())):
-        return None
-    return name[:-1] if name.endswith(".") else name
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
-class HostAllowList:
-    """The Host header names a server answers to: the guard against DNS rebinding.
-
-    A web page on any site can make a browser send requests to 127.0.0.1 under a name the page's owner
-    controls (DNS rebinding); only the Host header tells such requests apart. ``names`` are host names or IP
-    addresses (``[::1]`` or ``::1``); ``*`` allows any host; a wildcard bind address (``0.0.0.0``, ``::``)
-    allows any IP-address Host, because an address typed in the browser involves no DNS and so no rebinding.
-    Starlette's in-process TestClient (client ``testclient``, which no network peer can be) is not checked.
-    """
-
-    def __init__(self, names: Iterable[str]):
-        entries = [str(n) for n in names]
-        self.any = "*" in entries
-        parsed = {_host_name(n) for n in entries if n != "*"}
-        self.ip_literals = any(n in WILDCARD_ADDRESSES for n in entries)
-        self.names = {n for n in parsed if n and n not in WILDCARD_ADDRESSES}
-
-    def problem(self, scope: dict) -> str | None:
-        """Why this request's Host is refused, or None when it is allowed."""
-        if self.any or (scope.get("client") or ("",))[0] == "testclient":
-            return None
-        raw = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
-        if raw is None:
-            return "the request has no Host header"
-        name = _host_name(raw)
-        if name is not None and (name in self.names or (self.ip_literals and _is_ip(name))):
-            return None
-        shown = ", ".join(sorted(f"[{n}]" if ":" in n else n for n in self.names))
-        hint = f"; start the server with --allow-host {name} to allow it" if name else ""
-        return f"Host {raw[:100]!r} is not one this server answers to ({shown}){hint}"
-
-
-# --------------------------------------------------------------------------- the outermost ASGI layer
-
-
-def _json_message(status: int, detail: str, *, close: bool, retry_after: int | None = None) -> tuple[dict, dict]:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if close:  # the body was not read to its end: the connection cannot carry another request
-        headers.append((b"connection", b"close"))
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    return ({"type": "http.response.start", "status": status, "headers": headers},
-            {"type": "http.response.body", "body": body, "more_body": False})
-
-
-class _Refusal(Exception):
-    """An answer given before the application runs (the body is not read to its end)."""
-
-    def __init__(self, status: int, detail: str, retry_after: int | None = None):
-        super().__init__(detail)
-        self.status, self.detail, self.retry_after = status, detail, retry_after
-
-
-class _Guard:
-    """Outermost ASGI layer: Host allow-list, the whole body read under a limit and a deadline, JSON 500s.
-
-    The body is read here, for every content type and transfer encoding, with a running byte count: a
-    chunked 400 MB upload without Content-Length gets 413 once 8 MB have arrived (before this, the multipart
-    parser spooled all 400 MB to a temporary file and answered after 2.0 s). The application then sees the
-    body replayed from memory, so nothing downstream reads the socket or spools. ``max_buffered`` bounds the
-    bytes held by all requests at once.
-    """
-
-    def __init__(self, app: Callable, *, hosts: HostAllowList, max_body: int, body_timeout: float,
-                 max_buffered: int):
-        self.app = app
-        self.hosts = hosts
-        self.max_body = max_body
-        self.body_timeout = body_timeout
-        self.max_buffered = max_buffered
-        self.buffered = 0
-        self._count_lock = threading.Lock()  # TestClient runs requests on several event loops at once
-
-    def _hold(self, size: int) -> bool:
-        with self._count_lock:
-            if self.buffered + size > self.max_buffered:
-                return False
-            self.buffered += size
-            return True
-
-    def _release(self, size: int) -> None:
-        with self._count_lock:
-            self.buffered -= size
-
-    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
-                       send: Callable[[dict], Awaitable[None]]) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracked_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        held = [0]
-        try:
-            header_bytes = (sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + len(scope.get("raw_path", b""))
-                            + len(scope.get("query_string", b"")))
-            if header_bytes > MAX_HEADER_BYTES:
-                raise _Refusal(431, f"request headers of {header_bytes:,} bytes; the limit is {MAX_HEADER_BYTES:,}")
-            problem = self.hosts.problem(scope)
-            if problem:
-                raise _Refusal(400, problem)
-            body = await self._read_body(scope, receive, held)
-            if body is None:  # the client went away
-                return
-            replayed = False
-
-            async def replay() -> dict:
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            await self.app(scope, replay, tracked_send)
-        except _Refusal as refusal:
-            for message in _json_message(refusal.status, refusal.detail, close=True,
-                                         retry_after=refusal.retry_after):
-                await send(message)
-        except Exception as exc:  # a bug: one log line, and a 500 that shows nothing of the internals
-            reason = " ".join(str(exc).split())[:200]
-            log.error("internal error answering %s %s: %s: %s", scope.get("method"), scope.get("path"),
-                      type(exc).__name__, reason)
-            if not started:
-                for message in _json_message(500, "internal error", close=False):
-                    await send(message)
-        finally:
-            self._release(held[0])
-
-    async def _read_body(self, scope: dict, receive: Callable[[], Awaitable[dict]], held: list[int]) -> bytes | None:
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            raise _Refusal(413, f"request body is {int(declared):,} bytes; the limit is {self.max_body:,}")
-        try:
-            # One deadline for the whole body, not a wait_for (a task and a timer) per message; uvicorn's
-            # receive() waits on an event, so cancelling it is safe.
-            async with asyncio.timeout(self.body_timeout):
-                return await self._read_messages(scope, receive, held)
-        except TimeoutError:
-            raise _Refusal(408, f"the request body did not arrive within {self.body_timeout:g} s") from None
-
-    async def _read_messages(self, scope: dict, receive: Callable[[], Awaitable[dict]],
-                             held: list[int]) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        sniffed = scope.get("method") != "POST"
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise _Refusal(413, f"request body is over the limit of {self.max_body:,} bytes")
-            if chunk:
-                if not self._hold(len(chunk)):
-                    raise _Refusal(503, f"busy: too many uploads in progress; try again in {RETRY_AFTER_S} s",
-                                   retry_after=RETRY_AFTER_S)
-                held[0] += len(chunk)
-                chunks.append(chunk)
-            if not sniffed and size >= SNIFF_BYTES and message.get("more_body", False):
-                sniffed = True
-                _sniff(scope, b"".join(chunks)[:SNIFF_BYTES])
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 def _is_image_start(data: bytes) -> bool:
     return data.startswith(IMAGE_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _sniff(scope: dict, head: bytes) -> None:
-    """Refuses (``_Refusal``) a large POST body whose first ``SNIFF_BYTES`` show it cannot be what it says."""
+    """Refuses (``Refusal``) a large POST body whose first ``SNIFF_BYTES`` show it cannot be what it says."""
     header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), "")
     content_type = header.split(";")[0].strip().lower()
     unsupported = _unsupported_type(content_type)
     if unsupported:
-        raise _Refusal(415, unsupported)
+        raise Refusal(415, unsupported)
     if content_type.startswith("image/"):
         if not _is_image_start(head):
-            raise _Refusal(422, f"body: {NOT_AN_IMAGE}")
+            raise Refusal(422, f"body: {NOT_AN_IMAGE}")
     elif content_type == "application/json":
         if _nested_deeper_than(head, MAX_JSON_DEPTH):  # a prefix nests no deeper than the whole document
-            raise _Refusal(422, f"JSON body: nested more than {MAX_JSON_DEPTH} levels deep")
+            raise Refusal(422, f"JSON body: nested more than {MAX_JSON_DEPTH} levels deep")
         if head.lstrip()[:1] != b"{":
-            raise _Refusal(422, "JSON body must be an object")
+            raise Refusal(422, "JSON body must be an object")
     else:
         first = _first_file_start(header, head)
         if first is not None and not _is_image_start(first[1]):
-            raise _Refusal(422, f"{first[0]}: {NOT_AN_IMAGE}")
+            raise Refusal(422, f"{first[0]}: {NOT_AN_IMAGE}")
 
 
 # --------------------------------------------------------------------------- bounded heavy work
@@ -701,8 +491,9 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
         f"characters; answers within {work_timeout:g} s, 503 with Retry-After when busy. Unsupported types get "
         "415, malformed or undecodable input 422, a Host header not allowed 400, always with a JSON 'detail'.",
     )
-    app.add_middleware(_Guard, hosts=HostAllowList(LOCAL_HOSTS if allowed_hosts is None else allowed_hosts),
-                       max_body=max_upload_bytes, body_timeout=body_timeout, max_buffered=max_buffered_bytes)
+    app.add_middleware(Guard, hosts=HostAllowList(LOCAL_HOSTS if allowed_hosts is None else allowed_hosts),
+                       max_body=max_upload_bytes, body_timeout=body_timeout, max_buffered=max_buffered_bytes,
+                       sniff=_sniff, sniff_bytes=SNIFF_BYTES)
 
     app.state.model_name = model_name
 
@@ -863,112 +654,6 @@ def _predictor(model, runtime: str) -> Predictor:
     if runtime == "onnx" and not isinstance(model, OnnxClassifier):
         return OnnxClassifier.from_classifier(model)
     return model
-
-
-# --------------------------------------------------------------------------- the HTTP protocol
-
-
-def _raw_response(status: int, detail: str, retry_after: int | None = None) -> bytes:
-    """A complete HTTP/1.1 answer with a JSON detail, written straight to a socket that is then closed."""
-    body = json.dumps({"detail": detail}).encode()
-    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "content-type: application/json",
-            f"content-length: {len(body)}", "connection: close"]
-    if retry_after is not None:
-        head.append(f"retry-after: {retry_after}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-def server_protocol(header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> type:
-    """uvicorn's h11 protocol with a header timeout, a cap on open connections and JSON 400s.
-
-    uvicorn 0.54 times out only idle keep-alive connections, and only after a first answer: measured, 400
-    sockets that sent ``GET /healthz HTTP/1.1\\r\\nHo`` were all still open after 20 s. Here a timer runs from
-    the connection (and from each answer on a kept-alive one) until a request's headers are complete; when it
-    fires the connection gets 408 (if it sent part of a request) and is closed. uvicorn's own
-    ``limit_concurrency`` is not used: it still reads each request and answers plain text, and it counts
-    connections and requests together; this cap refuses the connection itself, with JSON.
-    """
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class GuardedH11Protocol(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
-        _partial = False  # bytes of a request arrived while the timer ran
-
-        def connection_made(self, transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                transport.write(_raw_response(503, f"busy: {max_connections} connections are open; try again "
-                                              f"in {RETRY_AFTER_S} s", RETRY_AFTER_S))
-                transport.close()
-                return
-            self._arm_header_timer()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_header_timer()
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            self._partial = self._partial or self._header_timer is not None
-            super().data_received(data)
-
-        def handle_events(self) -> None:
-            cycle = self.cycle
-            super().handle_events()
-            if self.cycle is not cycle:  # a new request's headers are complete: the guard times its body
-                self._cancel_header_timer()
-
-        def on_response_complete(self) -> None:
-            if not self.transport.is_closing():  # armed first: a pipelined request found next disarms it
-                self._arm_header_timer()
-            super().on_response_complete()
-
-        def send_400_response(self, msg: str) -> None:
-            self.transport.write(_raw_response(400, f"malformed HTTP request: a bad request line, or headers "
-                                               f"over {MAX_HEADER_BYTES // 1024} KB"))
-            self.transport.close()
-
-        def _arm_header_timer(self) -> None:
-            self._cancel_header_timer()
-            self._partial = False
-            self._header_timer = self.loop.call_later(header_timeout, self._header_timed_out)
-
-        def _cancel_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _header_timed_out(self) -> None:
-            self._header_timer = None
-            if self.transport.is_closing():
-                return
-            if self._partial:
-                self.transport.write(_raw_response(408, f"the request headers did not arrive within "
-                                                   f"{header_timeout:g} s"))
-            self.transport.close()
-
-    return GuardedH11Protocol
-
-
-def _connection_cap() -> int:
-    """MAX_CONNECTIONS, or fewer where the file-descriptor limit is lower (leaving ~120 for the process)."""
-    try:
-        import resource
-
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, OSError, ValueError):
-        return MAX_CONNECTIONS
-    return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, min(MAX_CONNECTIONS, soft - 124))
-
-
-def server_config(app, host: str = "127.0.0.1", port: int = 8000, *, header_timeout: float = HEADER_TIMEOUT,
-                  max_connections: int | None = None):
-    """The uvicorn configuration ``serve`` runs ``app`` with (tests run it in a thread)."""
-    import uvicorn
-
-    cap = _connection_cap() if max_connections is None else max_connections
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=server_protocol(header_timeout, cap),
-                          h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=5,
-                          timeout_graceful_shutdown=5)
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, runtime: str = "torch",
