@@ -7,7 +7,7 @@ import select
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from deepdigits import serve as serve_module
+from deepdigits.limits import RefusalPacer
 from deepdigits.predictor import builtin_model
 from deepdigits.recognize import read_digits, read_number
 from deepdigits.segment import find_digits
@@ -24,7 +25,7 @@ from deepdigits.synthetic import render_digit, render_number
 
 @pytest.fixture(scope="module")
 def client():
-    return TestClient(create_app(max_upload_bytes=2_000_000))
+    return TestClient(create_app(max_upload_bytes=2_000_000, pace_refusals=False))  # the corpus: many refusals
 
 
 @pytest.fixture(scope="module")
@@ -451,6 +452,46 @@ def test_a_good_image_after_the_corpus(client, seven):
     check_prediction(response.json(), 7)
 
 
+# --------------------------------------------------------------------------- clients refused too often
+
+
+def test_refusals_of_a_client_refused_too_often_wait_and_its_good_answers_do_not(seven):
+    pacer = RefusalPacer(rate=0.01, burst=3, delay=0.5)
+    app = create_app(builtin_model(), pace_refusals=pacer)
+    fuzzer = TestClient(app, base_url="http://localhost", client=("10.0.0.1", 1000))
+    other = TestClient(app, base_url="http://localhost", client=("10.0.0.2", 1000))
+
+    def timed(client, *args, **kwargs):
+        began = time.perf_counter()
+        response = client.post(*args, **kwargs)
+        return response, time.perf_counter() - began
+
+    refused = {"detail": "JSON body must be an object"}
+    for _ in range(3):  # the burst allowed: answered at once
+        response, took = timed(fuzzer, "/api/predict", content=b"[1]", headers={"Content-Type": "application/json"})
+        assert (response.status_code, response.json()) == (422, refused) and took < 0.5
+    response, took = timed(fuzzer, "/api/predict", content=b"[1]", headers={"Content-Type": "application/json"})
+    assert (response.status_code, response.json()) == (422, refused) and took >= 0.5  # the same answer, later
+    response, took = timed(fuzzer, "/api/predict", content=b"x", headers={"Host": "attacker.example"})
+    assert response.status_code == 400 and took >= 0.5  # a refusal before the application runs, too
+    response, took = timed(fuzzer, "/api/predict", content=seven, headers={"Content-Type": "image/jpeg"})
+    assert response.json()["digit"] == 7 and took < 0.5  # good answers are never held
+    response, took = timed(other, "/api/predict", content=b"[1]", headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and took < 0.5  # another client has its own allowance
+    assert pacer.delayed == 0
+
+
+def test_refusal_pacer_bounds_what_it_holds_and_remembers():
+    pacer = RefusalPacer(rate=0.001, burst=1, delay=0.5, max_delayed=2, max_clients=3)
+    assert [pacer.take("a") for _ in range(4)] == [0.0, 0.5, 0.5, 0.0]  # at most 2 held at once
+    pacer.done()
+    assert pacer.take("a") == 0.5 and pacer.delayed == 2
+    assert [pacer.take(name) for name in ("b", "c")] == [0.0, 0.0]
+    assert pacer.take("d") == 0.0 and pacer.take("a") == 0.0  # a 4th address: the table starts over
+    assert serve_module.create_app(builtin_model()).description.endswith(
+        "A client refused more than 10 times a second (20 at once) gets further refusals after 0.5 s.")
+
+
 # --------------------------------------------------------------------------- bounded work, JSON 500
 
 
@@ -486,6 +527,28 @@ def test_heavy_work_over_the_cap_is_503_with_retry_after(slow_images, seven):
         release.set()
         assert first.result(10).json()["digit"] == 7
     assert post().json()["digit"] == 7
+
+
+def test_one_client_over_its_share_of_heavy_work_is_429_and_others_still_get_in(slow_images, seven):
+    started, release = slow_images
+    app = create_app(builtin_model(), heavy_slots=1, heavy_queue=3, heavy_per_client=2, pace_refusals=False)
+    greedy = TestClient(app, base_url="http://localhost", client=("10.0.0.1", 1000))
+    polite = TestClient(app, base_url="http://localhost", client=("10.0.0.2", 1000))
+    post = lambda client: client.post("/api/predict", content=seven, headers={"Content-Type": "image/jpeg"})  # noqa: E731
+    with ThreadPoolExecutor(4) as pool:
+        greedy_posts = [pool.submit(post, greedy) for _ in range(3)]  # one runs (held), one waits, one is refused
+        assert started.wait(10)
+        done, _ = wait(greedy_posts, timeout=5, return_when=FIRST_COMPLETED)
+        refused = done.pop().result()
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json() == {"detail": "too many requests at once from this client: at most 2 in progress or "
+                                            "waiting; try again in 1 s"}
+        other = pool.submit(post, polite)  # a ticket is left for another client
+        release.set()
+        assert other.result(10).json()["digit"] == 7
+        assert sorted(f.result(10).status_code for f in greedy_posts) == [200, 200, 429]
+    assert post(greedy).json()["digit"] == 7  # its tickets were given back
+    assert greedy.get("/api/model").json()["limits"]["heavy_per_client"] == 2
 
 
 def test_work_past_the_time_budget_is_503_and_still_bounded(slow_images, seven):
@@ -587,7 +650,7 @@ def live():
     import uvicorn
 
     app = create_app(builtin_model(), max_upload_bytes=2_000_000, body_timeout=LIVE_TIMEOUT_S,
-                     allowed_hosts=[*LOCAL_HOSTS, "digits.example"])
+                     allowed_hosts=[*LOCAL_HOSTS, "digits.example"], pace_refusals=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

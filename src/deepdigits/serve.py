@@ -29,10 +29,14 @@ from .limits import (
     BODY_TIMEOUT,
     LOCAL_HOSTS,
     MAX_BUFFERED_BYTES,
+    REFUSAL_BURST,
+    REFUSAL_DELAY_S,
+    REFUSALS_PER_S,
     RETRY_AFTER_S,
     Guard,
     HostAllowList,
     Refusal,
+    RefusalPacer,
     server_config,
 )
 from .predictor import Predictor, load
@@ -65,6 +69,9 @@ WORK_TIMEOUT = 4.5  # seconds from a body's end to the answer (queueing included
 # wait, beyond which the answer is 503 with Retry-After at once instead of a growing backlog.
 HEAVY_SLOTS = 2
 HEAVY_QUEUE = 8
+# Of those 10, at most 8 for one client address (429 beyond), so that one client cannot shut out the others.
+# Clients behind one proxy or NAT share an address, and so these 8.
+HEAVY_PER_CLIENT = 8
 
 # JSON. The API's deepest valid document is {"images": [[[...]]]} (4 levels); numbers are pixel values.
 MAX_JSON_DEPTH = 8
@@ -132,34 +139,56 @@ class _WorkGate:
     ``timeout`` it is answered 503 at once while its thread carries on (Python cannot stop a thread), and that
     abandoned job still holds its ticket and its thread: the total work in progress stays bounded by the
     threads and the tickets whatever the clients do, and new requests are refused rather than piled up.
-    The threads are daemons so that a job that runs on does not hold up the server's exit.
+    The threads are daemons so that a job that runs on does not hold up the server's exit. One client address
+    holds at most ``per_client`` tickets (beyond: 429 with Retry-After), so it cannot shut the others out.
     """
 
-    def __init__(self, slots: int, waiting: int, timeout: float):
-        self.slots, self.waiting, self.timeout = slots, waiting, timeout
+    def __init__(self, slots: int, waiting: int, timeout: float, per_client: int):
+        self.slots, self.waiting, self.timeout, self.per_client = slots, waiting, timeout, per_client
         self._tickets = threading.BoundedSemaphore(slots + waiting)
+        self._held: dict[str, int] = {}  # client address -> tickets it holds
+        self._held_lock = threading.Lock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         for i in range(slots):
             threading.Thread(target=self._worker, name=f"deepdigits-work-{i}", daemon=True).start()
 
     def _worker(self) -> None:
         while True:
-            future, work = self._jobs.get()
+            future, work, client = self._jobs.get()
+            result: Any = None
+            error: BaseException | None = None
             try:
-                if future.set_running_or_notify_cancel():  # False: it timed out while waiting
-                    try:
-                        future.set_result(work())
-                    except BaseException as exc:
-                        future.set_exception(exc)
-            finally:
-                self._tickets.release()
+                if not future.set_running_or_notify_cancel():  # it timed out while waiting
+                    continue
+                try:
+                    result = work()
+                except BaseException as exc:
+                    error = exc
+            finally:  # the ticket first: a client answered at once may send its next request at once
+                self._give_back(client)
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
 
-    async def run(self, work: Callable[[], Any]) -> Any:
-        if not self._tickets.acquire(blocking=False):
-            raise ApiError(503, f"busy: {self.slots + self.waiting} requests are in progress or waiting; "
-                           f"try again in {RETRY_AFTER_S} s", retry_after=RETRY_AFTER_S)
+    def _give_back(self, client: str) -> None:
+        with self._held_lock:
+            self._held[client] -= 1
+            if not self._held[client]:
+                del self._held[client]
+            self._tickets.release()
+
+    async def run(self, work: Callable[[], Any], client: str = "") -> Any:
+        with self._held_lock:
+            if self._held.get(client, 0) >= self.per_client:
+                raise ApiError(429, f"too many requests at once from this client: at most {self.per_client} in "
+                               f"progress or waiting; try again in {RETRY_AFTER_S} s", retry_after=RETRY_AFTER_S)
+            if not self._tickets.acquire(blocking=False):
+                raise ApiError(503, f"busy: {self.slots + self.waiting} requests are in progress or waiting; "
+                               f"try again in {RETRY_AFTER_S} s", retry_after=RETRY_AFTER_S)
+            self._held[client] = self._held.get(client, 0) + 1
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((future, work))
+        self._jobs.put((future, work, client))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
         except TimeoutError:
@@ -456,6 +485,10 @@ def _unsupported_type(content_type: str) -> str | None:
             "an image/* body, or application/json")
 
 
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
 def _png_data_url(image: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, "PNG")
@@ -468,32 +501,39 @@ def _png_data_url(image: np.ndarray) -> str:
 def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_batch: int = MAX_BATCH, allowed_hosts: Iterable[str] | None = None,
                body_timeout: float = BODY_TIMEOUT, work_timeout: float = WORK_TIMEOUT,
-               heavy_slots: int = HEAVY_SLOTS, heavy_queue: int = HEAVY_QUEUE,
-               max_buffered_bytes: int = MAX_BUFFERED_BYTES):
+               heavy_slots: int = HEAVY_SLOTS, heavy_queue: int = HEAVY_QUEUE, heavy_per_client: int = HEAVY_PER_CLIENT,
+               max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+               pace_refusals: bool | RefusalPacer = True):
     """The FastAPI application; ``model`` is a bundle path, a loaded model, or None for the built-in one.
 
     ``runtime="onnx"`` answers with ONNX Runtime (the model is exported in memory at start).
     ``allowed_hosts``: the Host header names answered (see :class:`HostAllowList`); by default the localhost
     names only, safe for an app run on loopback by any server. ``deepdigits serve`` adds the bound address and
-    ``--allow-host`` names. The other arguments are the limits described at the top of this module.
+    ``--allow-host`` names. ``pace_refusals``: hold the refusals of a client refused too often (True: with
+    :class:`limits.RefusalPacer`'s defaults, or the pacer to use). The other arguments are the limits
+    described at the top of this module.
     """
     predictor = _predictor(model, runtime)
     card = predictor.card()
     model_name = card.name
     serialised = _OneCallAtATime(predictor)
-    gate = _WorkGate(heavy_slots, heavy_queue, work_timeout)
+    gate = _WorkGate(heavy_slots, heavy_queue, work_timeout, heavy_per_client)
     app = FastAPIOffline(
         title="deepdigits",
         version=__version__,
         description="Recognise handwritten digits and numbers. Limits: request bodies up to "
         f"{max_upload_bytes:,} bytes (413 beyond) arriving within {body_timeout:g} s (408), {max_batch} images "
         f"per batch; JSON nested at most {MAX_JSON_DEPTH} deep with numbers of at most {MAX_JSON_NUMBER_CHARS} "
-        f"characters; answers within {work_timeout:g} s, 503 with Retry-After when busy. Unsupported types get "
-        "415, malformed or undecodable input 422, a Host header not allowed 400, always with a JSON 'detail'.",
+        f"characters; answers within {work_timeout:g} s, 503 with Retry-After when busy, 429 with Retry-After "
+        f"beyond {heavy_per_client} requests at once from one client. Unsupported types get "
+        "415, malformed or undecodable input 422, a Host header not allowed 400, always with a JSON 'detail'. "
+        + (f"A client refused more than {REFUSALS_PER_S:g} times a second ({REFUSAL_BURST} at once) gets further "
+           f"refusals after {REFUSAL_DELAY_S:g} s." if pace_refusals else ""),
     )
+    pacer = pace_refusals if isinstance(pace_refusals, RefusalPacer) else RefusalPacer() if pace_refusals else None
     app.add_middleware(Guard, hosts=HostAllowList(LOCAL_HOSTS if allowed_hosts is None else allowed_hosts),
                        max_body=max_upload_bytes, body_timeout=body_timeout, max_buffered=max_buffered_bytes,
-                       sniff=_sniff, sniff_bytes=SNIFF_BYTES)
+                       sniff=_sniff, sniff_bytes=SNIFF_BYTES, pacer=pacer)
 
     app.state.model_name = model_name
 
@@ -550,7 +590,7 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
             items = _inputs(content_type, body, many=False, max_batch=max_batch)
             return recognise(items[:1], min_confidence)[0]
 
-        return await gate.run(work)
+        return await gate.run(work, _client(request))
 
     @app.post("/api/predict/batch", summary=f"Recognise up to {max_batch} digits (multipart 'files' or JSON "
               "'images')")
@@ -561,7 +601,7 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
             items = _inputs(content_type, body, many=True, max_batch=max_batch)
             return {"results": recognise(items, min_confidence), "model": model_name}
 
-        return await gate.run(work)
+        return await gate.run(work, _client(request))
 
     @app.post("/api/read-number", openapi_extra=predict_doc,
               summary="Read a whole handwritten number, with each digit's box")
@@ -579,13 +619,14 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
             reading = read_digits(found, serialised, min_confidence)
             return {**reading.to_dict(), "width": reading.size[0], "height": reading.size[1], "model": model_name}
 
-        return await gate.run(work)
+        return await gate.run(work, _client(request))
 
     @app.get("/api/model", summary="The model being served")
     def model_info():
         return {**card.to_dict(), "limits": {
             "max_upload_bytes": max_upload_bytes, "max_batch": max_batch, "body_timeout_s": body_timeout,
-            "work_timeout_s": work_timeout, "heavy_slots": heavy_slots, "heavy_queue": heavy_queue}}
+            "work_timeout_s": work_timeout, "heavy_slots": heavy_slots, "heavy_queue": heavy_queue,
+            "heavy_per_client": heavy_per_client}}
 
     @app.get("/healthz", summary="Liveness check")
     def healthz():
