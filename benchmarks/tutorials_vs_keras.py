@@ -3,9 +3,10 @@
 Each tutorial runs exactly as it ran: the network of ``deepdigits.models`` written in Keras layer for layer,
 the recipe's optimizer (Keras's own, at the recipe's learning rate), batch size, epochs, loss and
 validation split, on the same images as ours. Ours is ``deepdigits.train_recipe("tutorial-00N")``, which for
-recipes without a validation split (001, 002, 004) holds out the last 5,000 training images for calibration
-and trains on 55,000: the Keras peer trains on those same 55,000. 000 and 003 train on the first 54,000 and
-validate on the last 6,000 (``validation_split=0.1``), in both.
+recipes without a validation split (001, 002, 004) holds out the last ``calibrate.HOLDOUT`` training images
+(2,000 of MNIST's 60,000) for calibration and trains on the rest: the Keras peer trains on those same images
+(``calibrate.held_out_range`` decides for both; the table's "train images" column shows how many). 000 and
+003 train on the first 54,000 and validate on the last 6,000 (``validation_split=0.1``), in both.
 
 Every run is a fresh subprocess (no thread pool, allocator or cache carries over), both systems with the same
 number of threads (``--threads``: torch's intra-op pool, TensorFlow's intra- and inter-op pools, OMP). The
@@ -15,7 +16,8 @@ rounds; round ``i`` uses seed ``--seed + i`` in both. "Training seconds" is the 
 each epoch's validation pass; imports and data loading are outside it, and so is the one-time import of
 ``torch._dynamo`` that PyTorch's first optimizer triggers (measured and printed). Test accuracy is on the
 10,000 MNIST test images. The ratio is Keras's seconds over ours within the same round; the table gives its
-median and range.
+median and range. The arithmetic each run trained in is printed with it: Keras's default policy,
+float32; ours, what the recipe asks for where the CPU computes it natively (``deepdigits.device``).
 
 Tutorial 000 feeds raw 0-255 pixels; the tutorial's code ran on Keras 2, whose cross-entropy clipped the
 probabilities. Keras 3 does not and diverges (about 11% accuracy). ``--peer-000-loss keras2-clipped`` gives the
@@ -119,7 +121,7 @@ def run_keras(tutorial: str, seed: int, threads: int, peer_000_loss: str, ds, ep
     keras.utils.set_random_seed(seed)
     n = len(ds.x_train)
     # the images ours trains (and validates) on: with a validation split, all of them (Keras takes the last
-    # fraction, as ours does); without one, all but the last 5,000 (held out for calibration in ours)
+    # fraction, as ours does); without one, all but the last calibrate.HOLDOUT (held out for calibration in ours)
     stop = n if recipe.validation_split else held_out_range(n, 0.0).start
     shape = (-1, 28, 28, 1) if tutorial == "003" else (-1, 784)
     x_train = ds.x_train[:stop].reshape(shape).astype("float32") * recipe.input_scale
@@ -138,6 +140,7 @@ def run_keras(tutorial: str, seed: int, threads: int, peer_000_loss: str, ds, ep
     predicted = model.predict(x_test, batch_size=1000, verbose=0).argmax(axis=1)
     trained_on = math.ceil(stop * (1.0 - recipe.validation_split))  # Keras 3's split point
     return {"seconds": seconds, "accuracy": float((predicted == ds.y_test).mean()), "train_images": trained_on,
+            "precision": keras.config.dtype_policy().name,
             "version": f"keras {keras.__version__}, tensorflow {tf.__version__}"}
 
 
@@ -244,12 +247,13 @@ def report(runs: list[dict], args, machine: str, started_load: str) -> str:
             cells.append(median_and_range([by[a][i]["seconds"] / by[b][i]["seconds"] for i in rounds]))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Every run (in the order they ran):", "",
-              "| round | tutorial | system | seed | train images | training s | test acc. | load avg before -> after |",
-              "|---:|---|---|---:|---:|---:|---:|---|"]
+              "| round | tutorial | system | seed | train images | arithmetic | training s | test acc. "
+              "| load avg before -> after |",
+              "|---:|---|---|---:|---:|---|---:|---:|---|"]
     for r in runs:
         lines.append(f"| {r['round']} | {r['tutorial']} | {LABELS[r['system']]} | {r['seed']} | {r['train_images']:,} "
-                     f"| {r['seconds']:.1f} | {r['accuracy'] * 100:.2f}% | {r['loadavg_before']} -> "
-                     f"{r['loadavg_after']} |")
+                     f"| {r.get('precision', 'float32')} | {r['seconds']:.1f} | {r['accuracy'] * 100:.2f}% "
+                     f"| {r['loadavg_before']} -> {r['loadavg_after']} |")
     imports = [r["import_seconds"] for r in runs if "import_seconds" in r]
     if imports:
         lines += ["", f"(PyTorch's one-time import on its first optimizer, outside the clock: median "
