@@ -97,8 +97,8 @@ def test_run_folders_and_default_out(tmp_path, monkeypatch):
 
 
 def test_member_processes():
-    assert member_processes(3, cores=2) == 1  # one member's 2 threads take the machine: in this process
-    assert member_processes(3, cores=4) == 2 and member_processes(3, cores=64) == 3
+    assert member_processes(3, cores=1) == 1  # one core: in this process
+    assert member_processes(3, cores=2) == 2 and member_processes(3, cores=64) == 3
     assert member_processes(3, 2) == 2 and member_processes(3, 8) == 3 and member_processes(3, 1) == 1
     with pytest.raises(DeepDigitsError, match="processes: expected 1 or more, got 0"):
         member_processes(3, 0)

@@ -413,16 +413,17 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# Members need not talk, so a worker per core (each with one thread) loses nothing to communication, and a
+# network's own threads pay little here: one epoch of `best` on 2 cores shared with other work took 185 s
+# as 2 data-parallel processes of 1 thread against 521 s as 1 process of 2 (benchmarks/RESULTS.md).
 def member_processes(members: int, processes: int | None = None, cores: int | None = None) -> int:
     """How many worker processes train an ensemble's ``members`` at once: ``processes`` where given (at most
-    one per member), else one per 2 cores (a member keeps 2 threads, the fewest it trains with by default on
-    a 2-core machine), and 1, in this process, where that leaves fewer than 2."""
+    one per member), else one per core up to one per member; 1 (in this process) on a single core."""
     if processes is not None:
         if processes < 1:
             raise DeepDigitsError(f"processes: expected 1 or more, got {processes}")
         return min(processes, members)
-    count = min(members, (cores or available_cores()) // 2)
-    return count if count >= 2 else 1
+    return min(members, cores or available_cores())
 
 
 def _save_dataset(ds: Dataset, folder: Path) -> None:
@@ -470,6 +471,16 @@ def _member_worker(spec_path: str) -> int:
     return 0
 
 
+def _end_with_parent() -> None:
+    """In a worker before it starts: Linux sends it SIGTERM when its parent dies (the watcher thread in
+    ``_member_worker`` does it elsewhere, once the worker has imported torch)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _train_members_in_processes(chosen: Recipe, ds: Dataset, overrides: dict, workers: int,
                                 work_dir: str | os.PathLike | None, verbose: int) -> list[Classifier]:
     """Train ``chosen``'s members in ``workers`` processes at once, each with its seed and a share of the
@@ -502,7 +513,8 @@ def _train_members_in_processes(chosen: Recipe, ds: Dataset, overrides: dict, wo
                 spec_path.write_text(json.dumps(spec), encoding="utf-8")
                 log = open(work / f"member-{i + 1}.log", "w+b")  # noqa: SIM115 - closed when the worker ends
                 running[i] = (subprocess.Popen([sys.executable, "-c", _WORKER, str(spec_path)], env=env,
-                                               stdout=log, stderr=log), log, time.monotonic())
+                                               stdout=log, stderr=log, preexec_fn=_end_with_parent),
+                              log, time.monotonic())
             time.sleep(0.2)
             for i, (process, log, started) in list(running.items()):
                 code = process.poll()

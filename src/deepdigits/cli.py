@@ -225,7 +225,7 @@ def add_train(commands) -> None:
                        help="train data-parallel in N processes on this machine, one thread each (torch's "
                        "elastic agent, as torchrun --standalone starts them); it pays most when other work "
                        "shares the cores (benchmarks/RESULTS.md). For the ensemble recipe: train N members at "
-                       "once, each in its own process with 1/N of the cores (default: one per 2 cores)")
+                       "once, each in its own process with 1/N of the cores (default: one per core and member)")
     _quiet_option(train)
     train.set_defaults(handler=cmd_train)
 
