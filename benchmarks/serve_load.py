@@ -1,7 +1,8 @@
 """Load test of `deepdigits serve` on loopback: N concurrent clients for a bounded time.
 
 Starts the real server (uvicorn) on a free 127.0.0.1 port, sends /api/predict requests with a drawn-digit
-PNG from each client for --seconds, and prints requests/s, p50/p99 latency and the error count as Markdown.
+PNG from each client for --seconds, and prints answers/s, p50/p99 latency of the right answers, the busy
+answers (503 or 429 with Retry-After: that client then waits as asked) and the error count as Markdown.
 
     python benchmarks/serve_load.py --clients 8 --seconds 20
 """
@@ -31,7 +32,9 @@ def drawn_seven() -> bytes:
     return buffer.getvalue()
 
 
-def client(port: int, body: bytes, stop_at: float, latencies: list[float], errors: list[str]) -> None:
+def client(port: int, body: bytes, stop_at: float, latencies: list[float], errors: list[str],
+           busy: list[float]) -> None:
+    """Requests one after another; a 503/429 (the server's bounded queue is full) waits its Retry-After."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     while time.perf_counter() < stop_at:
         started = time.perf_counter()
@@ -39,6 +42,10 @@ def client(port: int, body: bytes, stop_at: float, latencies: list[float], error
             connection.request("POST", "/api/predict", body=body, headers={"Content-Type": "image/png"})
             response = connection.getresponse()
             payload = response.read()
+            if response.status in (429, 503) and response.getheader("retry-after"):
+                busy.append(time.perf_counter() - started)
+                time.sleep(min(float(response.getheader("retry-after")), max(0.0, stop_at - time.perf_counter())))
+                continue
             if response.status != 200 or b'"digit":7' not in payload:
                 errors.append(f"{response.status}: {payload[:80]!r}")
                 continue
@@ -63,10 +70,10 @@ def main() -> None:
         rows += measure(runtime, args)
     print(f"machine: {machine_line()}; {args.seconds:.0f} s per run; POST /api/predict with a 280x280 PNG")
     print()
-    print("| runtime | clients | requests | requests/s | p50 ms | p99 ms | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for runtime, clients, n, rate, p50, p99, errors in rows:
-        print(f"| {runtime} | {clients} | {n} | {rate:.1f} | {p50:.1f} | {p99:.1f} | {errors} |")
+    print("| runtime | clients | answered | answered/s | p50 ms | p99 ms | busy (503/429) | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for runtime, clients, n, rate, p50, p99, errors, busy in rows:
+        print(f"| {runtime} | {clients} | {n} | {rate:.1f} | {p50:.1f} | {p99:.1f} | {busy} | {errors} |")
     if any(r[6] for r in rows):
         raise SystemExit(1)
 
@@ -84,8 +91,9 @@ def measure(runtime: str, args) -> list[tuple]:
         for clients in args.clients:
             latencies: list[float] = []
             errors: list[str] = []
+            busy: list[float] = []
             stop_at = time.perf_counter() + args.seconds
-            threads = [threading.Thread(target=client, args=(port, body, stop_at, latencies, errors))
+            threads = [threading.Thread(target=client, args=(port, body, stop_at, latencies, errors, busy))
                        for _ in range(clients)]
             started = time.perf_counter()
             for t in threads:
@@ -96,7 +104,7 @@ def measure(runtime: str, args) -> list[tuple]:
             ms = np.array(latencies) * 1000
             rows.append((runtime, clients, len(latencies), len(latencies) / elapsed,
                          float(np.percentile(ms, 50)) if len(ms) else float("nan"),
-                         float(np.percentile(ms, 99)) if len(ms) else float("nan"), len(errors)))
+                         float(np.percentile(ms, 99)) if len(ms) else float("nan"), len(errors), len(busy)))
             if errors:
                 print(f"first error with {clients} clients: {errors[0]}", file=sys.stderr)
     finally:
