@@ -26,6 +26,19 @@ def test_recipes_match_the_tutorials():
     assert RECIPES["tutorial-003"].input_scale == pytest.approx(1 / 255)
 
 
+def test_tutorial_003_trains_in_bfloat16_only_where_the_cpu_computes_it(monkeypatch):
+    import deepdigits.device as device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "native_bf16", lambda _: False)
+    assert device.training_precision(RECIPES["tutorial-003"].bf16, cpu) == "float32"  # AVX2: as Keras ran it
+    monkeypatch.setattr(device, "native_bf16", lambda _: True)
+    assert device.training_precision(RECIPES["tutorial-003"].bf16, cpu) == "bfloat16"
+    # the dense tutorials were not measured in bfloat16: they stay float32 everywhere
+    assert [name for name in ("tutorial-000", "tutorial-001", "tutorial-002", "tutorial-004")
+            if RECIPES[name].bf16] == []
+
+
 def test_keras_optimizer_defaults():
     params = [torch.nn.Parameter(torch.zeros(1))]
     rms = make_optimizer("rmsprop", params, 0.001).defaults
