@@ -180,15 +180,17 @@ def compare(tutorial: str, ds, names: list[str], rounds: int, block: int) -> str
             step(run, order, i, sums, sync, forward)
         runs[name] = (run, forward, sync, order, sums, time.perf_counter() - started + setup)
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     position = 5
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             run, forward, sync, order, sums, _ = runs[name]
             settle(name, threads)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             for i in range(position, position + block):
                 step(run, order, i, sums, sync, forward)
             times[name].append((time.perf_counter() - started) * 1000 / block)
+            cpu[name].append((time.process_time() - cpu_started) * 1000 / block)
         position += block
     settle(names[0], threads)
     base = names[0]
@@ -196,13 +198,17 @@ def compare(tutorial: str, ds, names: list[str], rounds: int, block: int) -> str
     lines = [f"### tutorial {tutorial}: {rounds} rounds of {block} steps each, alternated in one process, "
              f"{threads} threads", "",
              f"| variant | precision | ms per step (median) | s per epoch of steps ({steps} steps) | "
-             f"{base} / variant per round: median (range) | setup + first 5 steps s |", "|---|---|---:|---:|---:|---:|"]
+             f"{base} / variant per round: median (range) | CPU ms per step (all threads) | {base} / variant "
+             "in CPU time | setup + first 5 steps s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         ratios = [b / v for b, v in zip(times[base], times[name], strict=True)]
+        cpu_ratios = [b / v for b, v in zip(cpu[base], cpu[name], strict=True)]
         run = runs[name][0]
         lines.append(f"| {name} | {run.history.precision} | {statistics.median(times[name]):.1f} | "
                      f"{statistics.median(times[name]) * steps / 1000:.1f} | {statistics.median(ratios):.2f}x "
-                     f"({min(ratios):.2f}-{max(ratios):.2f}) | {runs[name][5]:.1f} |")
+                     f"({min(ratios):.2f}-{max(ratios):.2f}) | {statistics.median(cpu[name]):.1f} | "
+                     f"{statistics.median(cpu_ratios):.2f}x ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}) | "
+                     f"{runs[name][5]:.1f} |")
     return "\n".join(lines)
 
 
@@ -231,15 +237,18 @@ def compare_validation(tutorial: str, ds, batches: list[int], rounds: int) -> st
 
 
 RUN_SCRIPT = """
-import dataclasses, json, sys
+import dataclasses, json, sys, time
 import deepdigits
 from deepdigits import load_dataset
 from deepdigits.recipes import get_recipe
 tutorial, data_dir, epochs, seed, bf16 = sys.argv[1:]
 recipe = dataclasses.replace(get_recipe("tutorial-" + tutorial), bf16=bf16 == "bf16")
 ds = load_dataset("mnist", data_dir=data_dir or None)
+cpu = time.process_time()
 clf = deepdigits.train_recipe(recipe, dataset=ds, epochs=int(epochs) or None, seed=int(seed), verbose=0)
+cpu = time.process_time() - cpu
 print("RESULT " + json.dumps({"seconds": clf.train_seconds, "epoch_seconds": [e["seconds"] for e in clf.history],
+                              "cpu_seconds": cpu,
                               "accuracy": float(clf.metrics["accuracy"]), "precision": clf.precision}))
 """
 
@@ -262,14 +271,15 @@ def compare_precision(tutorial: str, seeds: list[int], data_dir: str | None, epo
             load = Path("/proc/loadavg").read_text().split()[0]
             result = run_fresh(tutorial, data_dir, epochs, seed, precision, dict(os.environ))
             rows.append((seed, precision, result, load))
-            print(f"seed {seed} {precision}: {result['seconds']:.1f} s, {result['accuracy']:.2%} (load {load})",
+            print(f"seed {seed} {precision}: {result['seconds']:.1f} s, {result['cpu_seconds']:.1f} CPU s, "
+                  f"{result['accuracy']:.2%} (load {load})",
                   file=sys.stderr, flush=True)
     length = f"{epochs} epoch(s) of the recipe" if epochs else "whole recipe"
     lines = [f"### tutorial {tutorial}: {length}, fresh process per run, float32 and bfloat16 alternated", "",
-             "| seed | asked | trained in | training s | test accuracy | 1-min load before |",
-             "|---:|---|---|---:|---:|---|"]
-    lines += [f"| {seed} | {p} | {res['precision']} | {res['seconds']:.1f} | {res['accuracy']:.2%} | {load} |"
-              for seed, p, res, load in rows]
+             "| seed | asked | trained in | training s | CPU s (all threads, whole call) | test accuracy "
+             "| 1-min load before |", "|---:|---|---|---:|---:|---:|---|"]
+    lines += [f"| {seed} | {p} | {res['precision']} | {res['seconds']:.1f} | {res['cpu_seconds']:.1f} | "
+              f"{res['accuracy']:.2%} | {load} |" for seed, p, res, load in rows]
     return "\n".join(lines)
 
 
