@@ -218,9 +218,9 @@ def add_train(commands) -> None:
     train.add_argument("--resume", metavar="DIR",
                        help="continue the run whose checkpoint is in DIR (its output folder) with its recipe and "
                        "options; ends with the weights the uninterrupted run would have had")
-    # Measured on 2 cores shared with other work (benchmarks/RESULTS.md): one epoch of `fast` trained in
-    # 6.0-7.6 s as 2 processes x 1 thread against 58-67 s as 1 process x 2 threads, tutorial-003 in 36 s
-    # against 178 s, at the same accuracy; a process's threads wait on each other when cores are contended.
+    # One epoch on 2 cores shared with other work, alternated over 3 rounds (benchmarks/RESULTS.md): training
+    # as 2 processes x 1 thread against 1 process x 2 threads, best 147-186 s against 355-521 s (2.4-2.8x),
+    # tutorial-003 1.3-2.0x, fast 1.3-2.0x (but its whole command 0.74-1.20x: the second process's start-up).
     train.add_argument("--processes", type=int, metavar="N",
                        help="train data-parallel in N processes on this machine, one thread each (torch's "
                        "elastic agent, as torchrun --standalone starts them); it pays most when other work "
