@@ -551,6 +551,39 @@ def test_one_client_over_its_share_of_heavy_work_is_429_and_others_still_get_in(
     assert greedy.get("/api/model").json()["limits"]["heavy_per_client"] == 2
 
 
+def test_single_digits_do_not_wait_behind_numbers_being_read(monkeypatch, mnist, seven):
+    release, started, lock = threading.Event(), threading.Event(), threading.Lock()
+    running, most = [0], [0]
+    real = serve_module.find_digits
+
+    def slow(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        started.set()
+        release.wait(10)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(serve_module, "find_digits", slow)
+    client = TestClient(create_app(builtin_model(), pace_refusals=False))  # 2 threads
+    photo = render_number([mnist.x_test[i] for i in (0, 1, 2, 3)], np.random.default_rng(6))  # 7210
+    read = lambda: client.post("/api/read-number", content=photo, headers={"Content-Type": "image/jpeg"})  # noqa: E731
+    with ThreadPoolExecutor(2) as pool:
+        numbers = [pool.submit(read) for _ in range(2)]
+        assert started.wait(10)
+        began = time.perf_counter()
+        single = client.post("/api/predict", content=seven, headers={"Content-Type": "image/jpeg"})
+        assert single.json()["digit"] == 7 and time.perf_counter() - began < 2  # a thread was kept for it
+        assert not any(number.done() for number in numbers)
+        release.set()
+        assert [number.result(20).json()["number"] for number in numbers] == ["7210", "7210"]
+    assert most[0] == 1  # one number read at a time
+
+
 def test_work_past_the_time_budget_is_503_and_still_bounded(slow_images, seven):
     _started, release = slow_images
     app = create_app(builtin_model(), heavy_slots=1, heavy_queue=1, work_timeout=0.5)

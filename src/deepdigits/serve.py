@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import concurrent.futures
 import gc
 import io
 import json
 import logging
-import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
@@ -52,7 +52,9 @@ log = logging.getLogger("deepdigits.serve")
 #   disk), refuses a large body whose start shows it cannot be what it says (_sniff), and turns an unexpected
 #   exception into a JSON 500 with a one-line log;
 # - the parsing and the image work run on a small pool of worker threads behind a gate (_WorkGate) that
-#   answers 503 with Retry-After when full, and the answer comes within a time budget;
+#   answers 503 with Retry-After when full (429 past one client's share), and the answer comes within a time
+#   budget; the model is called one call at a time (_OneCallAtATime);
+# - a client refused too often gets its further refusals late (limits.RefusalPacer), never its good answers;
 # - JSON is parsed with limits on nesting, on the length of numbers and on the count of values;
 # - the HTTP protocol (limits.server_protocol) times out headers that never finish and caps open connections.
 
@@ -141,20 +143,39 @@ class _WorkGate:
     threads and the tickets whatever the clients do, and new requests are refused rather than piled up.
     The threads are daemons so that a job that runs on does not hold up the server's exit. One client address
     holds at most ``per_client`` tickets (beyond: 429 with Retry-After), so it cannot shut the others out.
+
+    Single digits go first, and long jobs (a number read, a batch) take at most ``long_at_once`` threads, so a
+    single digit never waits behind them: beside 2 clients reading photographed numbers of touching digits
+    (200 ms each with the model choosing the cuts), good single digits took p50/p99 120/561 ms when all jobs
+    shared one first-come queue (7.5/15.2 alone; load 4.4).
     """
 
-    def __init__(self, slots: int, waiting: int, timeout: float, per_client: int):
+    def __init__(self, slots: int, waiting: int, timeout: float, per_client: int, long_at_once: int = 1):
         self.slots, self.waiting, self.timeout, self.per_client = slots, waiting, timeout, per_client
+        self.long_at_once = min(long_at_once, slots)
         self._tickets = threading.BoundedSemaphore(slots + waiting)
         self._held: dict[str, int] = {}  # client address -> tickets it holds
         self._held_lock = threading.Lock()
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._short: collections.deque = collections.deque()
+        self._long: collections.deque = collections.deque()
+        self._long_running = 0
+        self._queued = threading.Condition()
         for i in range(slots):
             threading.Thread(target=self._worker, name=f"deepdigits-work-{i}", daemon=True).start()
 
+    def _next(self) -> tuple[concurrent.futures.Future, Callable[[], Any], str, bool]:
+        with self._queued:
+            while True:
+                if self._short:
+                    return (*self._short.popleft(), False)
+                if self._long and self._long_running < self.long_at_once:
+                    self._long_running += 1
+                    return (*self._long.popleft(), True)
+                self._queued.wait()
+
     def _worker(self) -> None:
         while True:
-            future, work, client = self._jobs.get()
+            future, work, client, long = self._next()
             result: Any = None
             error: BaseException | None = None
             try:
@@ -166,6 +187,10 @@ class _WorkGate:
                     error = exc
             finally:  # the ticket first: a client answered at once may send its next request at once
                 self._give_back(client)
+                if long:
+                    with self._queued:
+                        self._long_running -= 1
+                        self._queued.notify_all()
             if error is None:
                 future.set_result(result)
             else:
@@ -178,7 +203,7 @@ class _WorkGate:
                 del self._held[client]
             self._tickets.release()
 
-    async def run(self, work: Callable[[], Any], client: str = "") -> Any:
+    async def run(self, work: Callable[[], Any], client: str = "", long: bool = False) -> Any:
         with self._held_lock:
             if self._held.get(client, 0) >= self.per_client:
                 raise ApiError(429, f"too many requests at once from this client: at most {self.per_client} in "
@@ -188,7 +213,9 @@ class _WorkGate:
                                f"try again in {RETRY_AFTER_S} s", retry_after=RETRY_AFTER_S)
             self._held[client] = self._held.get(client, 0) + 1
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((future, work, client))
+        with self._queued:
+            (self._long if long else self._short).append((future, work, client))
+            self._queued.notify_all()
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
         except TimeoutError:
@@ -601,7 +628,7 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
             items = _inputs(content_type, body, many=True, max_batch=max_batch)
             return {"results": recognise(items, min_confidence), "model": model_name}
 
-        return await gate.run(work, _client(request))
+        return await gate.run(work, _client(request), long=True)
 
     @app.post("/api/read-number", openapi_extra=predict_doc,
               summary="Read a whole handwritten number, with each digit's box")
@@ -619,7 +646,7 @@ def create_app(model=None, *, runtime: str = "torch", max_upload_bytes: int = MA
             reading = read_digits(found, serialised, min_confidence)
             return {**reading.to_dict(), "width": reading.size[0], "height": reading.size[1], "model": model_name}
 
-        return await gate.run(work, _client(request))
+        return await gate.run(work, _client(request), long=True)
 
     @app.get("/api/model", summary="The model being served")
     def model_info():
