@@ -291,7 +291,9 @@ def compare_wait_policies(tutorial: str, policies: list[str], rounds: int, threa
     for r in range(rounds):
         for policy in policies if r % 2 == 0 else policies[::-1]:
             env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-            if policy != "unset":
+            if policy == "spin-default":  # libgomp's own default (spin 300,000 times, then sleep), set
+                env.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="300000")  # so deepdigits keeps it
+            elif policy != "unset":
                 env["OMP_WAIT_POLICY"] = policy
             if threads:
                 env["OMP_NUM_THREADS"] = str(threads)
@@ -301,7 +303,7 @@ def compare_wait_policies(tutorial: str, policies: list[str], rounds: int, threa
             print(f"round {r} {policy}: {result['seconds']:.2f} s (load {loads[-1]})", file=sys.stderr, flush=True)
     base = policies[0]
     lines = [f"### tutorial {tutorial}: one epoch in a fresh process per run, {rounds} rounds alternated; "
-             f"1-minute load average before each run {min(loads)}-{max(loads)}", "",
+             f"1-minute load average before each run {min(loads, key=float)}-{max(loads, key=float)}", "",
              f"| OMP_WAIT_POLICY | epoch s (median) | every run | {base} / this per round: median (range) |",
              "|---|---:|---|---:|"]
     for policy in policies:
@@ -324,7 +326,8 @@ def main() -> None:
     parser.add_argument("--validation-batches", nargs="+", type=int, metavar="N",
                         help="instead of profiling, time a validation pass at these eval batch sizes")
     parser.add_argument("--wait-policies", nargs="+", metavar="POLICY", help="instead of profiling, time one "
-                        "epoch in fresh processes under these OMP_WAIT_POLICY values (PASSIVE, ACTIVE, unset)")
+                        "epoch in fresh processes under these OMP_WAIT_POLICY values (PASSIVE, ACTIVE, unset: "
+                        "deepdigits' choice, spin-default: libgomp's default spinning, whatever the load)")
     parser.add_argument("--precision-seeds", nargs="+", type=int, metavar="SEED", help="instead of profiling, "
                         "run the whole recipe in float32 and asked for bfloat16 with each seed, alternated")
     parser.add_argument("--epochs", type=int, help="with --precision-seeds: this many epochs, not the recipe's")
