@@ -14,7 +14,9 @@ The ratio is threads' seconds over processes' within a round (above 1: two proce
 
 The ``ensemble`` recipe is compared another way: its members one after another in one process of 2 threads
 (``--processes 1``) against 2 member processes of 1 thread each (``--processes 2``); its training seconds
-are the members' summed, so its images per second and its ratio are over wall time.
+are the members' summed, so its images per second and its ratio are over wall time. ``ensemble-of-R-N``
+(e.g. ``ensemble-of-fast-2``) is the same comparison for an ensemble of N members of recipe R, trained
+through ``deepdigits.train_run`` (the CLI names only the three-``best`` ensemble).
 
     python benchmarks/processes_vs_threads.py --rounds 2 --recipes fast best tutorial-003
 """
@@ -53,15 +55,36 @@ def machine_line() -> str:
             f"{torch.backends.cpu.get_cpu_capability()}; Python {platform.python_version()}, torch {torch.__version__}")
 
 
+ENSEMBLE_OF = """
+import sys
+from deepdigits.recipes import Recipe, get_recipe
+from deepdigits.runs import train_run
+member, members, out, processes, epochs, data_dir = sys.argv[1:7]
+base = get_recipe(member)
+recipe = Recipe(f"ensemble-of-{member}", "ensemble", base.optimizer, base.learning_rate, base.batch_size, base.epochs,
+                members=int(members), member_recipe=member)
+train_run(recipe, out, processes=int(processes), epochs=int(epochs), data_dir=data_dir or None, verbose=0)
+"""
+
+
+def is_ensemble(recipe: str) -> bool:
+    return recipe == "ensemble" or recipe.startswith("ensemble-of-")
+
+
 def run_once(recipe: str, layout: str, epochs: int, data_dir: str | None, work: Path) -> dict:
-    label, threads, processes = (ENSEMBLE_LAYOUTS if recipe == "ensemble" else LAYOUTS)[layout]
+    label, threads, processes = (ENSEMBLE_LAYOUTS if is_ensemble(recipe) else LAYOUTS)[layout]
     out = Path(tempfile.mkdtemp(dir=work, prefix=f"{recipe}-{layout}-")) / "run"
-    command = [sys.executable, "-m", "deepdigits", "train", "--recipe", recipe, "--epochs", str(epochs),
-               "--out", str(out), "--quiet"]
-    if data_dir:
-        command += ["--data-dir", data_dir]
-    if processes:
-        command += ["--processes", str(processes)]
+    if recipe.startswith("ensemble-of-"):
+        member, members = recipe.removeprefix("ensemble-of-").rsplit("-", 1)
+        command = [sys.executable, "-c", ENSEMBLE_OF, member, members, str(out), str(processes), str(epochs),
+                   data_dir or ""]
+    else:
+        command = [sys.executable, "-m", "deepdigits", "train", "--recipe", recipe, "--epochs", str(epochs),
+                   "--out", str(out), "--quiet"]
+        if data_dir:
+            command += ["--data-dir", data_dir]
+        if processes:
+            command += ["--processes", str(processes)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     load_before = loadavg()
     started = time.perf_counter()
@@ -72,7 +95,7 @@ def run_once(recipe: str, layout: str, epochs: int, data_dir: str | None, work: 
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     meta = json.loads((out / "model.json").read_text())
     # training stops where the held-out slice begins
-    if recipe == "ensemble":
+    if is_ensemble(recipe):
         images = meta["calibration"]["fit_on"]["start"] * sum(m["epochs"] for m in meta["recipe"]["members"])
         per_second = images / wall
     else:
@@ -126,7 +149,7 @@ def main() -> None:
                  and t["round"] == p["round"] and t["layout"] == "threads" and p["layout"] == "processes"]
         training = [t["train_seconds"] / p["train_seconds"] for t, p in pairs]
         wall = [t["wall"] / p["wall"] for t, p in pairs]
-        train_text = "" if recipe == "ensemble" else (  # its training seconds are the members' summed
+        train_text = "" if is_ensemble(recipe) else (  # its training seconds are the members' summed
             f"training {', '.join(f'{x:.2f}' for x in training)} (median {statistics.median(training):.2f}); ")
         print(f"  {recipe}: {train_text}wall {', '.join(f'{x:.2f}' for x in wall)} "
               f"(median {statistics.median(wall):.2f})")
