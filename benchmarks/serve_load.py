@@ -3,8 +3,10 @@
 Starts the real server (uvicorn) on a free 127.0.0.1 port, sends /api/predict requests with a drawn-digit
 PNG from each client for --seconds, and prints answers/s, p50/p99 latency of the right answers, the busy
 answers (503 or 429 with Retry-After: that client then waits as asked) and the error count as Markdown.
+With --readers N, N more clients read photographed numbers of touching digits (/api/read-number) meanwhile.
 
     python benchmarks/serve_load.py --clients 8 --seconds 20
+    python benchmarks/serve_load.py --clients 2 --readers 2 --seconds 8
 """
 
 from __future__ import annotations
@@ -56,6 +58,34 @@ def client(port: int, body: bytes, stop_at: float, latencies: list[float], error
         latencies.append(time.perf_counter() - started)
 
 
+def touching_numbers(count: int = 8) -> list[bytes]:
+    """Photographed 4-digit numbers of MNIST test digits, every digit pushed against the one before (JPEG)."""
+    from deepdigits.data import load_dataset
+    from deepdigits.synthetic import render_number
+
+    test = load_dataset("mnist")
+    photos = []
+    for seed in range(count):
+        rng = np.random.default_rng(seed)
+        picks = rng.choice(len(test.x_test), 4, replace=False)
+        photos.append(render_number([test.x_test[i] for i in picks], rng, touching=1.0))
+    return photos
+
+
+def number_reader(port: int, photos: list[bytes], stop_at: float, latencies: list[float], errors: list[str]) -> None:
+    """Numbers to /api/read-number one after another: long jobs beside the single digits."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    i = 0
+    while time.perf_counter() < stop_at:
+        started = time.perf_counter()
+        connection.request("POST", "/api/read-number", body=photos[i % len(photos)],
+                           headers={"Content-Type": "image/jpeg"})
+        response = connection.getresponse()
+        response.read()
+        i += 1
+        (latencies if response.status == 200 else errors).append(time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients (runs)")
@@ -63,17 +93,21 @@ def main() -> None:
     parser.add_argument("--model", help="model bundle to serve (default: the built-in model)")
     parser.add_argument("--runtime", nargs="+", choices=["torch", "onnx"], default=["torch"],
                         help="server runtimes to measure, one after the other")
+    parser.add_argument("--readers", type=int, default=0,
+                        help="clients reading photographed numbers of touching digits at the same time (default 0)")
     args = parser.parse_args()
 
     rows = []
     for runtime in args.runtime:
         rows += measure(runtime, args)
-    print(f"machine: {machine_line()}; {args.seconds:.0f} s per run; POST /api/predict with a 280x280 PNG")
+    beside = f"; {args.readers} clients reading numbers beside them" if args.readers else ""
+    print(f"machine: {machine_line()}; {args.seconds:.0f} s per run; POST /api/predict with a 280x280 PNG{beside}")
     print()
-    print("| runtime | clients | answered | answered/s | p50 ms | p99 ms | busy (503/429) | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for runtime, clients, n, rate, p50, p99, errors, busy in rows:
-        print(f"| {runtime} | {clients} | {n} | {rate:.1f} | {p50:.1f} | {p99:.1f} | {busy} | {errors} |")
+    print("| runtime | clients | answered | answered/s | p50 ms | p99 ms | busy (503/429) | errors "
+          "| numbers read (p50 ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for runtime, clients, n, rate, p50, p99, errors, busy, numbers in rows:
+        print(f"| {runtime} | {clients} | {n} | {rate:.1f} | {p50:.1f} | {p99:.1f} | {busy} | {errors} | {numbers} |")
     if any(r[6] for r in rows):
         raise SystemExit(1)
 
@@ -88,13 +122,17 @@ def measure(runtime: str, args) -> list[tuple]:
     try:
         wait_until_up(port)
         body = drawn_seven()
+        photos = touching_numbers() if args.readers else []
         for clients in args.clients:
             latencies: list[float] = []
             errors: list[str] = []
             busy: list[float] = []
+            read: list[float] = []
             stop_at = time.perf_counter() + args.seconds
             threads = [threading.Thread(target=client, args=(port, body, stop_at, latencies, errors, busy))
                        for _ in range(clients)]
+            threads += [threading.Thread(target=number_reader, args=(port, photos, stop_at, read, errors))
+                        for _ in range(args.readers)]
             started = time.perf_counter()
             for t in threads:
                 t.start()
@@ -104,7 +142,8 @@ def measure(runtime: str, args) -> list[tuple]:
             ms = np.array(latencies) * 1000
             rows.append((runtime, clients, len(latencies), len(latencies) / elapsed,
                          float(np.percentile(ms, 50)) if len(ms) else float("nan"),
-                         float(np.percentile(ms, 99)) if len(ms) else float("nan"), len(errors), len(busy)))
+                         float(np.percentile(ms, 99)) if len(ms) else float("nan"), len(errors), len(busy),
+                         f"{len(read)} ({np.median(read) * 1000:.0f})" if read else "-"))
             if errors:
                 print(f"first error with {clients} clients: {errors[0]}", file=sys.stderr)
     finally:
