@@ -78,7 +78,16 @@ def machine_line() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"machine: {model}; torch {torch.__version__} CPU capability {torch.backends.cpu.get_cpu_capability()}; "
-            f"{cores} cores, {torch.get_num_threads()} torch threads")
+            f"{cores} cores, {torch.get_num_threads()} torch threads; load average {load_average()}")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: the machine is shared, and the times depend on them."""
+    try:
+        with open("/proc/loadavg") as handle:
+            return " ".join(handle.read().split()[:3])
+    except OSError:
+        return "-"
 
 
 def score(cases: list[tuple[str, bytes]], read: Callable[[bytes], str]) -> dict:
@@ -139,6 +148,8 @@ def main() -> None:
     if len(args.conditions) > 1:
         total["ms"] /= len(args.conditions)
         print(row("**all**", total))
+    print()
+    print(f"load average at the end: {load_average()}")
 
 
 def row(name: str, r: dict) -> str:
