@@ -229,3 +229,21 @@ def test_hostile_data_files_are_one_line_errors(capsys, data_root, tmp_path):
     lines = err.strip().splitlines()
     assert code == 1 and out == "" and len(lines) == 1 and "t10k-labels" in lines[0] and "Traceback" not in err
     assert "bad magic number" in lines[0]  # said for what it is, before any checksum
+
+
+def test_train_an_ensemble_in_member_processes_saves_its_bundle(capsys, tiny, tmp_path, monkeypatch):
+    from deepdigits.recipes import RECIPES, Recipe
+
+    _, source = tiny
+    monkeypatch.setitem(RECIPES, "ensemble", Recipe("ensemble", "ensemble", "adamw", 0.001, 128, 1, dataset="tiny",
+                                                    members=2, member_recipe="tutorial-004"))
+    out = tmp_path / "ens"
+    code, stdout, err = run(capsys, "train", "--recipe", "ensemble", "--epochs", "1", "--processes", "2",
+                            "--data-dir", source, "--out", out, "--quiet")
+    assert code == 0, err
+    assert f"saved model bundle: {out}  (2 members, " in stdout
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["architecture"] == "ensemble" and [m["seed"] for m in meta["recipe"]["members"]] == [0, 1]
+    names = sorted(p.name for p in out.iterdir())  # the bundle and its figures; the workers' folder is gone
+    assert {"model.json", "model.safetensors", "confusion.png"} <= set(names)
+    assert not [name for name in names if name.startswith(".") or name == "checkpoint"]
