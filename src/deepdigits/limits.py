@@ -122,11 +122,12 @@ def _json_message(status: int, detail: str, *, close: bool, retry_after: int | N
 
 
 class Refusal(Exception):
-    """An answer given before the application runs (the body is not read to its end)."""
+    """An answer given before the application runs; the connection is closed unless the body was read out."""
 
     def __init__(self, status: int, detail: str, retry_after: int | None = None):
         super().__init__(detail)
         self.status, self.detail, self.retry_after = status, detail, retry_after
+        self.read_out = False
 
 
 class RefusalPacer:
@@ -243,7 +244,7 @@ class Guard:
             if pending:
                 await self._send_late(pending, send, held)
         except Refusal as refusal:
-            messages = list(_json_message(refusal.status, refusal.detail, close=True,
+            messages = list(_json_message(refusal.status, refusal.detail, close=not refusal.read_out,
                                           retry_after=refusal.retry_after))
             if self.pacer is not None and self.pacer.take(address):
                 await self._send_late(messages, send, held)
@@ -304,7 +305,21 @@ class Guard:
                 chunks.append(chunk)
             if not sniffed and size >= self.sniff_bytes and message.get("more_body", False):
                 sniffed = True
-                self.sniff(scope, b"".join(chunks)[:self.sniff_bytes])  # type: ignore[misc]
+                try:
+                    self.sniff(scope, b"".join(chunks)[:self.sniff_bytes])  # type: ignore[misc]
+                except Refusal as refusal:
+                    if not any(k == b"content-length" for k, _ in scope["headers"]):
+                        raise  # chunked: no end to wait for; answered now, the connection closed
+                    # A declared length (within the limit): the rest is read and dropped, held nowhere, so
+                    # the connection stays usable, as when the application refuses a whole body.
+                    self._release(held[0])
+                    held[0], chunks = 0, []
+                    while message.get("more_body", False):
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            return None
+                    refusal.read_out = True
+                    raise
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
