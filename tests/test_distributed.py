@@ -110,7 +110,8 @@ def test_two_gloo_processes_train_one_run(data_root, tmp_path):
     port = free_port()
     children = []
     for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "RANK": str(rank), "LOCAL_RANK": str(rank),
+        path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, as in CI
         children.append(subprocess.Popen([sys.executable, "-c", CHILD, str(data_root), str(tmp_path)], env=env,

@@ -121,7 +121,8 @@ def test_ensemble_members_trained_in_processes_equal_those_trained_one_after_ano
     for a, b in zip(parallel.network.members, sequential.network.members, strict=True):
         assert same_tensors(a.state_dict(), b.state_dict())
     assert [m["seed"] for m in parallel.recipe["members"]] == [3, 4]
-    assert parallel.temperature == sequential.temperature
+    # the same on a CPU; on a GPU the temperature's fit differs in the 8th digit (0.47588748 against 0.47588749)
+    assert parallel.temperature == pytest.approx(sequential.temperature, rel=1e-6)
     # scored here on 2 threads, there on 1: the same predictions, sums in another order
     assert parallel.metrics["confusion_matrix"] == sequential.metrics["confusion_matrix"]
     assert parallel.metrics["loss"] == pytest.approx(sequential.metrics["loss"], rel=1e-6)
@@ -176,7 +177,8 @@ def test_member_processes_stop_when_their_parent_is_killed(data_root, tmp_path):
     import time
 
     out = tmp_path / "ens"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")]))}
     parent = subprocess.Popen([sys.executable, "-c", PARENT, str(out), str(data_root)], env=env)
     try:
         deadline = time.monotonic() + 60
