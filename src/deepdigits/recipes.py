@@ -92,7 +92,9 @@ RECIPES: dict[str, Recipe] = {
             description="Tutorial 000: 784-32 dense net on raw pixels, SGD, last 10% validation",
         ),
         Recipe(
-            "tutorial-001", "tutorial-001", "adam", 0.001, 128, 5,
+            # bfloat16 autocast where native, as tutorial 003: a step 1.25x as fast (CPU time 1.30x), whole
+            # recipe 1.34x/1.53x, test accuracy 98.00/97.64% against 97.76/97.61% in float32, seeds 0/1
+            "tutorial-001", "tutorial-001", "adam", 0.001, 128, 5, bf16=True,
             description="Tutorial 001: 512-512 dense net with dropout 0.2, Adam",
         ),
         Recipe(
@@ -108,7 +110,9 @@ RECIPES: dict[str, Recipe] = {
             description="Tutorial 003: small CNN (32, 64 filters), Adam, last 10% validation",
         ),
         Recipe(
-            "tutorial-004", "tutorial-004", "rmsprop", 0.001, 128, 5,
+            # bfloat16 autocast where native, as tutorial 003: a step 1.25x as fast (CPU time 1.26x), whole
+            # recipe 1.70x/2.76x, test accuracy 97.95/97.59% against 97.94/97.55% in float32, seeds 0/1
+            "tutorial-004", "tutorial-004", "rmsprop", 0.001, 128, 5, bf16=True,
             description="Tutorial 004: 512 dense net, RMSprop",
         ),
         Recipe(
