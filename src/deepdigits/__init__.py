@@ -24,9 +24,10 @@ from .errors import BundleError, DataError, DeepDigitsError
 # One epoch on 2 cores shared with other work (load 3-6), passive against the default, alternated in fresh
 # processes: tutorial-004 1.69 s against 15.5 s (9x; 1 thread: 2.36 s), tutorial-003 40 s against 152 s.
 # The number of threads, and so the arithmetic, is unchanged. Re-measured (benchmarks/RESULTS.md, "Speed-ups
-# tried"): tutorial-004 at load 3.8-6.4, passive 2.5 s against libgomp's default spinning 15.9 s. Passive only
-# when the load average is high was not adopted: spinning's gain on a quieter machine could not be measured
-# here, and the choice is made once, at import, so a run started in a lull would spin through later contention.
+# tried"): tutorial-004 at load 3.8-6.4, passive 2.5 s against libgomp's default spinning 15.9 s; at load
+# 1.6-1.9 spinning wins (0.85 s against 1.54 s) until other work arrives (one such run: 18.7 s). Passive only
+# when the load average is high was not adopted: the choice is made once, at import, so a run started in a lull
+# spins through the contention that follows.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _LAZY = {
