@@ -230,6 +230,11 @@ def test_builtin_bundle_has_a_valid_open_set():
     bad["open_set"]["head"]["weights"] = bad["open_set"]["head"]["weights"][:-1]
     with pytest.raises(Exception, match="open_set"):
         validate_document(bad)
+    assert checked["head"]["number_threshold"] == document["open_set"]["head"]["number_threshold"]
+    bad = json.loads(json.dumps(document))
+    bad["open_set"]["head"]["number_threshold"] = "loose"
+    with pytest.raises(Exception, match="number_threshold"):
+        validate_document(bad)
 
 
 def test_a_bundle_without_open_set_uses_the_cheap_checks():

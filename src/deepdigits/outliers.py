@@ -416,7 +416,7 @@ def judge(seen: np.ndarray, measures: list[InkMeasures | None], open_set: OpenSe
 
 
 def _number_threshold(head: dict) -> float:
-    """The head's ``number_threshold`` (a field the bundle schema leaves open): a finite number, else -inf."""
+    """The head's ``number_threshold`` (checked by the bundle schema; ONNX metadata too): finite, else -inf."""
     value = head.get("number_threshold")
     if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
         return float(value)

@@ -179,6 +179,7 @@ class OpenSetHead(_Open):
     weights: Numbers
     bias: Number
     threshold: Number
+    number_threshold: Number | None = None  # for digits cut from a number: looser, see outliers.rejection
 
     @model_validator(mode="after")
     def _same_lengths(self) -> OpenSetHead:
