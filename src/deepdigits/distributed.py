@@ -145,12 +145,13 @@ def wrap(network: nn.Module, device: torch.device) -> nn.Module:
     """``network`` under DistributedDataParallel (its gradients all-reduced, averaged, during backward)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    # A convolution weight with one input channel is the same bytes channels-last or contiguous, but DDP
-    # compares strides: left channels-last, its gradient (made contiguous) misses its bucket view, and on
-    # CUDA DDP warned "Grad strides do not match bucket view strides" (fast's first layer, H100) and copied it.
+    # A convolution weight with one input channel is the same bytes channels-last or contiguous (torch calls
+    # both contiguous), but DDP compares strides: left channels-last (36, 1, 6, 1), its gradient comes as
+    # (36, 36, 6, 1), misses its bucket view, and on CUDA DDP warned "Grad strides do not match bucket view
+    # strides" (fast's first layer, H100) and copied it every step.
     for parameter in network.parameters():
-        if parameter.dim() == 4 and parameter.shape[1] == 1 and not parameter.is_contiguous():
-            parameter.data = parameter.data.contiguous()
+        if parameter.dim() == 4 and parameter.shape[1] == 1:
+            parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return DistributedDataParallel(network, device_ids=[index], output_device=index)
