@@ -290,9 +290,11 @@ def compare_wait_policies(tutorial: str, policies: list[str], rounds: int, threa
     loads = []
     for r in range(rounds):
         for policy in policies if r % 2 == 0 else policies[::-1]:
-            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
             if policy == "spin-default":  # libgomp's own default (spin 300,000 times, then sleep), set
                 env.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="300000")  # so deepdigits keeps it
+            elif policy.startswith("spin-"):  # spin-N: spin N times, then sleep
+                env.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT=policy[len("spin-"):])
             elif policy != "unset":
                 env["OMP_WAIT_POLICY"] = policy
             if threads:
@@ -327,7 +329,8 @@ def main() -> None:
                         help="instead of profiling, time a validation pass at these eval batch sizes")
     parser.add_argument("--wait-policies", nargs="+", metavar="POLICY", help="instead of profiling, time one "
                         "epoch in fresh processes under these OMP_WAIT_POLICY values (PASSIVE, ACTIVE, unset: "
-                        "deepdigits' choice, spin-default: libgomp's default spinning, whatever the load)")
+                        "deepdigits' choice, spin-default: libgomp's default spinning, whatever the load, "
+                        "spin-N: spin N times (GOMP_SPINCOUNT), then sleep)")
     parser.add_argument("--precision-seeds", nargs="+", type=int, metavar="SEED", help="instead of profiling, "
                         "run the whole recipe in float32 and asked for bfloat16 with each seed, alternated")
     parser.add_argument("--epochs", type=int, help="with --precision-seeds: this many epochs, not the recipe's")

@@ -18,17 +18,42 @@ from importlib import import_module
 
 from .errors import BundleError, DataError, DeepDigitsError
 
-# OpenMP threads that wait for each other spin by default (libgomp: up to 300,000 pause loops), taking the
-# core from the thread they wait for whenever other work shares the machine. The policy is read once, when
-# torch loads its OpenMP runtime, so it is chosen here, before any torch import (a user's own setting wins).
-# One epoch on 2 cores shared with other work (load 3-6), passive against the default, alternated in fresh
-# processes: tutorial-004 1.69 s against 15.5 s (9x; 1 thread: 2.36 s), tutorial-003 40 s against 152 s.
-# The number of threads, and so the arithmetic, is unchanged. Re-measured (benchmarks/RESULTS.md, "Speed-ups
-# tried"): tutorial-004 at load 3.8-6.4, passive 2.5 s against libgomp's default spinning 15.9 s; at load
-# 1.6-1.9 spinning wins (0.85 s against 1.54 s) until other work arrives (one such run: 18.7 s). Passive only
-# when the load average is high was not adopted: the choice is made once, at import, so a run started in a lull
-# spins through the contention that follows.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _other_work_running() -> bool | None:
+    """Whether other threads are runnable on this machine right now (the median of 5 looks at /proc/loadavg's
+    running count, 1 ms apart, less this process's own thread); None where there is no /proc/loadavg."""
+    import time
+
+    counts = []
+    try:
+        for _ in range(5):
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(0.001)
+    except (OSError, ValueError, IndexError):
+        return None
+    return sorted(counts)[len(counts) // 2] >= 1
+
+
+# OpenMP threads that wait for each other spin (libgomp: up to 300,000 pause loops), which pays on free cores
+# and takes the core from the thread they wait for when other work holds it. The policy is read once, when
+# torch loads its OpenMP runtime, so it is chosen here, before any torch import; a user's own OMP_WAIT_POLICY
+# or GOMP_SPINCOUNT wins. It changes no result, only time. Tutorial-004, one epoch, 2 cores, fresh processes
+# alternated (benchmarks/profile_tutorials.py --wait-policies; RESULTS.md "Speed-ups tried"):
+# - free cores (load 1.1-1.3): passive 1.62 s, spinning 1,000 / 10,000 / 100,000 times then sleeping 1.45 /
+#   0.96 / 0.91 s, libgomp's default 0.90 s;
+# - beside three busy processes (load 1.8-4.1): passive 2.82 s, 3,000 spins 3.91 s, 10,000 spins 5.05 s, the
+#   default 15.6 s (earlier runs at load 4-11: 6x passive, fully active 13x: spinners starve the thread they
+#   wait for).
+# So: where other work is running at import, passive; where none is, 10,000 spins, which keeps most of
+# spinning's gain (1.7x passive) and, should other work arrive later in the run, costs 1.8x passive, not the
+# default's 5-13x. Running threads are counted at that moment, not by the load average, which lags a minute and
+# counts this machine's own last run (after a 2-thread run on 2 cores it reads about 2: "busy").
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    if _other_work_running() is False:
+        _os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="10000")
+    else:
+        _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 _LAZY = {
     "__version__": "version",  # importlib.metadata costs ~50 ms: only when asked for
