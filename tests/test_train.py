@@ -26,17 +26,17 @@ def test_recipes_match_the_tutorials():
     assert RECIPES["tutorial-003"].input_scale == pytest.approx(1 / 255)
 
 
-def test_tutorials_001_003_004_train_in_bfloat16_only_where_the_cpu_computes_it(monkeypatch):
+def test_tutorials_000_001_003_004_train_in_bfloat16_only_where_the_cpu_computes_it(monkeypatch):
     import deepdigits.device as device
 
     cpu = torch.device("cpu")
-    measured = ("tutorial-001", "tutorial-003", "tutorial-004")
+    measured = ("tutorial-000", "tutorial-001", "tutorial-003", "tutorial-004")
     monkeypatch.setattr(device, "native_bf16", lambda _: False)
-    assert [device.training_precision(RECIPES[n].bf16, cpu) for n in measured] == ["float32"] * 3  # as Keras ran
+    assert [device.training_precision(RECIPES[n].bf16, cpu) for n in measured] == ["float32"] * 4  # as Keras ran
     monkeypatch.setattr(device, "native_bf16", lambda _: True)
-    assert [device.training_precision(RECIPES[n].bf16, cpu) for n in measured] == ["bfloat16"] * 3
-    # 000 (raw pixels, clipped loss) and 002 (one thread, 7,960 parameters) were not measured: float32 everywhere
-    assert not RECIPES["tutorial-000"].bf16 and not RECIPES["tutorial-002"].bf16
+    assert [device.training_precision(RECIPES[n].bf16, cpu) for n in measured] == ["bfloat16"] * 4
+    # 002 (one thread, 7,960 parameters, batch 32) was not measured: float32 everywhere
+    assert not RECIPES["tutorial-002"].bf16
 
 
 def test_keras_optimizer_defaults():

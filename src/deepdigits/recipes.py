@@ -87,8 +87,11 @@ RECIPES: dict[str, Recipe] = {
             # Tutorial 000 feeds raw 0-255 pixels (it shows no division by 255). Under plain
             # cross-entropy that diverges to NaN in the first epoch; Keras 2 clipped probabilities
             # into [1e-7, 1 - 1e-7] inside its loss, which is what let the tutorial train at all.
+            # bfloat16 autocast where native, as tutorial 003 (0-255 pixels are exact in bfloat16): the whole
+            # recipe 14.8/14.6 s -> 7.8/7.7 s, test accuracy 96.57/96.68% against 96.69/95.98% in float32,
+            # seeds 0/1, AVX-512 BF16 + AMX, 2 quiet cores.
             "tutorial-000", "tutorial-000", "sgd", 0.01, 500, 20, validation_split=0.1,
-            input_scale=1.0, loss="keras2-clipped-cross-entropy",
+            input_scale=1.0, loss="keras2-clipped-cross-entropy", bf16=True,
             description="Tutorial 000: 784-32 dense net on raw pixels, SGD, last 10% validation",
         ),
         Recipe(
