@@ -37,25 +37,13 @@ import sys
 import time
 from pathlib import Path
 
+import tutorials_vs_keras  # beside this file: the Keras peer, and the machine's CPU name and load
+from tutorials_vs_keras import cpu_name, loadavg
+
 DEFAULT_SYSTEMS = ("ours:fast", "mnist-fast-record", "keras-003", "pytorch-example", "ours:best")
 PEERS = ("keras-003", "pytorch-example", "mnist-fast-record")
 TARGETS = (0.990, 0.994, 0.995, 0.996, 0.9965)
 MEAN, STD = 0.1307, 0.3081  # the peers' published input normalisation
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def parse_ours(spec: str):
@@ -192,9 +180,6 @@ def worker(args) -> None:
     ds = load_dataset("mnist", data_dir=args.data_dir)
     before = loadavg()
     if system == "keras-003":
-        sys.path.insert(0, str(Path(__file__).parent))
-        import tutorials_vs_keras
-
         result = tutorials_vs_keras.run_keras("003", args.seed, args.threads, "keras3", ds, None)
     elif system == "pytorch-example":
         result = run_pytorch_example(ds, args.seed)
