@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import platform
 import socket
 import time
-from pathlib import Path
+
+from _machine import cpu_name, loadavg
 
 
 def free_port() -> int:
@@ -33,18 +33,11 @@ def wait_until_up(port: int, timeout: float = 90) -> None:
 
 def machine_line() -> str:
     """CPU model, torch's vector extension, cores, Python and the load average (other work on the machine)."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
     try:
         import torch
 
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception:  # only for the report
         capability = "unknown"
-    load = "unknown"
-    with contextlib.suppress(OSError):
-        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return (f"{cpu}, vector extension {capability}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"load average {load}")
+    return (f"{cpu_name()}, vector extension {capability}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, load average {loadavg()}")

@@ -37,8 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-import tutorials_vs_keras  # beside this file: the Keras peer, and the machine's CPU name and load
-from tutorials_vs_keras import cpu_name, loadavg
+import tutorials_vs_keras  # beside this file: the Keras peer
+from _machine import cpu_name, loadavg
 
 DEFAULT_SYSTEMS = ("ours:fast", "mnist-fast-record", "keras-003", "pytorch-example", "ours:best")
 PEERS = ("keras-003", "pytorch-example", "mnist-fast-record")

@@ -34,24 +34,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import cpu_name, loadavg
+
 LAYOUTS = {"threads": ("1 process x 2 threads", 2, None), "processes": ("2 processes x 1 thread", 1, 2)}
 ENSEMBLE_LAYOUTS = {"threads": ("members in turn, 2 threads", 2, 1),  # --processes 1: one after another
                     "processes": ("2 member processes x 1 thread", 2, 2)}  # each worker takes 2 cores / 2
 
 
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
 def machine_line() -> str:
     import torch
 
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    return (f"machine: {cpu}, {len(os.sched_getaffinity(0))} cores, vector extension "
+    return (f"machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores, vector extension "
             f"{torch.backends.cpu.get_cpu_capability()}; Python {platform.python_version()}, torch {torch.__version__}")
 
 

@@ -18,20 +18,13 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
+from _machine import cpu_name
 
 from deepdigits import Classifier, load_dataset
 from deepdigits.device import precision_text
 from deepdigits.recipes import get_recipe
 
 TARGET = 0.99
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def import_optimizer_dependencies() -> float:

@@ -42,25 +42,12 @@ import sys
 import time
 from pathlib import Path
 
+from _machine import cpu_name, loadavg
+
 TUTORIALS = ("000", "001", "002", "003", "004")
 SYSTEMS = ("keras", "deepdigits")
 # "baseline": deepdigits from another source tree (--baseline-source), e.g. a worktree of an older commit
 LABELS = {"keras": "Keras on TensorFlow", "deepdigits": "deepdigits (PyTorch)", "baseline": "deepdigits baseline"}
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 # --------------------------------------------------------------------------- the workers (one run each)
