@@ -182,8 +182,9 @@ def test_member_processes_stop_when_their_parent_is_killed(data_root, tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", PARENT, str(out), str(data_root)], env=env)
     try:
         deadline = time.monotonic() + 60
+        # both workers are started one after the other: wait for the second, not just the first
         while time.monotonic() < deadline and not (list(out.glob(".members-*/member-2.json")) and
-                                                    worker_pids(next(out.glob(".members-*")))):
+                                                    len(worker_pids(next(out.glob(".members-*")))) >= 2):
             time.sleep(0.2)
         work = next(out.glob(".members-*"))
         assert len(worker_pids(work)) == 2
