@@ -41,10 +41,12 @@ def test_onnx_export_answers_calibrated_probabilities(members, mnist, tmp_path):
     clf.calibrate(mnist.x_train[2000:3000], mnist.y_train[2000:3000])
     ensemble = combine(members)
     ensemble.temperature = 0.5
+    mapped = copy.deepcopy(clf)
+    mapped.top_label = (-0.3, 1.4)  # a top-label map after the temperature (calibrate.calibrated_logits)
     images = mnist.x_test[:300]
-    for model in (clf, ensemble):
+    for model in (clf, ensemble, mapped):
         onnx_model = OnnxClassifier(export_onnx(model, tmp_path / "m.onnx"))
-        assert onnx_model.temperature == model.temperature != 1.0
+        assert onnx_model.temperature == model.temperature != 1.0 and onnx_model.top_label == model.top_label
         probabilities = onnx_model.predict_proba(images)
         assert np.abs(probabilities - model.predict_proba(images)).max() < 1e-4
         assert np.abs(probabilities - softmax(model.logits(images))).max() > 1e-2  # T = 1 answers differently

@@ -71,8 +71,10 @@ class Classifier:
         self.metrics: dict | None = None
         self.extra: dict = {}
         self.provenance: dict = {}  # when, by which command and with which versions a loaded bundle was made
-        # probabilities are softmax(logits / temperature); 1 until ``calibrate`` fits one on held-out images
+        # probabilities are softmax(logits / temperature); 1 until ``calibrate`` fits one on held-out images,
+        # then, where it helps there, a top-label map (a, b) after it: see calibrate.calibrated_logits
         self.temperature = 1.0
+        self.top_label: tuple[float, float] | None = None
         self.calibration: dict | None = None  # what calibrate recorded: temperature, images fit on, held-out scores
 
     @classmethod
@@ -142,13 +144,17 @@ class Classifier:
     def predict_proba(self, images: np.ndarray, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
         """Calibrated class probabilities (N, 10) for images (N, 28, 28) or one image (28, 28).
 
-        ``softmax(logits / temperature)``: the temperature fit on held-out images at the end of training
-        (1 for a bundle without one). An ensemble's logits are the log of its members' mean probability.
+        ``softmax(logits / temperature)``, then the top-label map where there is one: both fit on held-out
+        images at the end of training (T = 1 for a bundle without them). An ensemble's logits are the log of
+        its members' mean probability.
         """
+        from .calibrate import calibrated_logits
+
         network = channels_last(self.network).eval()
         x = self._tensor(images).contiguous(memory_format=torch.channels_last)
         with threads_for(len(x)):
-            parts = [torch.softmax(network(x[i : i + batch_size]) / self.temperature, dim=1)
+            parts = [torch.softmax(calibrated_logits(network(x[i : i + batch_size]), self.temperature,
+                                                     self.top_label), dim=1)
                      for i in range(0, len(x), batch_size)]
         return torch.cat(parts).numpy() if parts else np.zeros((0, len(self.class_names)), np.float32)
 
@@ -162,22 +168,27 @@ class Classifier:
         return torch.cat(parts).numpy() if parts else np.zeros((0, len(self.class_names)), np.float32)
 
     def calibrate(self, x: np.ndarray, y: np.ndarray, *, fit_on: dict | None = None) -> dict:
-        """Fit the temperature on held-out images and labels — never the test set — and record it.
+        """Fit the calibration on held-out images and labels — never the test set — and record it.
 
-        ``fit_on`` says which images they are (dataset, split, index range, whether training saw them);
-        the record (``self.calibration``, saved in the bundle) adds their count and, as ``fit_scores``, their
-        ECE, NLL and Brier score before (T = 1) and after. Returns the record.
+        A temperature, and a top-label map after it where that predicts the images better in cross-validation
+        (``calibrate.fit_calibration``). ``fit_on`` says which images they are (dataset, split, index range,
+        whether training saw them); the record (``self.calibration``, saved in the bundle) adds their count,
+        each method's cross-validated NLL and, as ``fit_scores``, their ECE, NLL and Brier score before (T = 1)
+        and after. Returns the record.
         """
-        from .calibrate import fit_temperature, scores, softmax
+        from .calibrate import calibrated_probabilities, fit_calibration, scores, softmax
 
         y = np.asarray(y)
         logits = self.logits(x)
-        temperature = fit_temperature(logits, y)
-        before, after = scores(softmax(logits), y), scores(softmax(logits, temperature), y)
-        self.temperature = temperature
+        fitted = fit_calibration(logits, y)
+        self.temperature, self.top_label = fitted["temperature"], fitted["top_label"]
+        before, after = scores(softmax(logits), y), scores(calibrated_probabilities(logits, self.temperature,
+                                                                                      self.top_label), y)
         self.calibration = {
-            "method": "temperature",
-            "temperature": temperature,
+            "method": fitted["method"],
+            "temperature": self.temperature,
+            **({"top_label": {"intercept": self.top_label[0], "slope": self.top_label[1]}} if self.top_label else {}),
+            **({"cross_validated_nll": fitted["cross_validated_nll"]} if "cross_validated_nll" in fitted else {}),
             "fit_on": {**(fit_on or {}), "n": len(y)},
             "fit_scores": {**after, **{f"{k}_uncalibrated": v for k, v in before.items()}},
         }
@@ -197,7 +208,7 @@ class Classifier:
         return metrics_from_probabilities(probabilities, np.asarray(y), self.class_names,
                                           loss=recipe.get("loss") or "cross-entropy",
                                           label_smoothing=float(recipe.get("label_smoothing") or 0.0),
-                                          temperature=self.temperature)
+                                          temperature=self.temperature, top_label=self.top_label)
 
     def score(self, x: np.ndarray, y: np.ndarray) -> float:
         """Mean accuracy on images ``x`` and labels ``y``, as scikit-learn's ``score``."""
@@ -290,6 +301,8 @@ class Classifier:
         clf.metrics = meta.get("metrics")
         clf.calibration = meta.get("calibration")  # absent in bundles from before calibration: T = 1
         clf.temperature = float((clf.calibration or {}).get("temperature") or 1.0)
+        top_label = (clf.calibration or {}).get("top_label")  # validated: present with its method only
+        clf.top_label = (float(top_label["intercept"]), float(top_label["slope"])) if top_label else None
         clf.provenance = {k: meta.get(k) for k in ("created", "command", "versions")}
         if isinstance(meta.get("open_set"), dict):  # the "not a digit" thresholds and head, kept on re-save
             clf.extra["open_set"] = meta["open_set"]
@@ -390,7 +403,8 @@ def train_recipe(
     identity = checkpoint.run_identity(base, chosen, data, world.world_size if world else 1,
                                        world.backend if world else None, checkpoint_every)
     x_train, y_train, x_val, y_val = split_last_fraction(ds.x_train, ds.y_train, chosen.validation_split)
-    held_out = held_out_range(len(ds.x_train), chosen.validation_split)  # for calibration: never the test set
+    # for calibration: never the test set
+    held_out = held_out_range(len(ds.x_train), chosen.validation_split, chosen.calibration_split)
     x_train, y_train = x_train[: held_out.start], y_train[: held_out.start]  # no-op where it is the validation split
     clf.fit(x_train, y_train, validation_data=(x_val, y_val) if len(x_val) else None, verbose=verbose,
             **chosen.fit_options(), **checkpoint.checkpointing(checkpoint_dir, checkpoint_every, resumed, identity))
@@ -544,8 +558,9 @@ def _train_members_in_processes(chosen: Recipe, ds: Dataset, overrides: dict, wo
 def _calibrate_held_out(clf: Classifier, ds: Dataset, held_out: range | None, verbose: int = 0) -> None:
     """Fit ``clf``'s temperature on the training images ``held_out`` (training never saw them).
 
-    They are the recipe's validation split (tutorials 000 and 003: the last 10%), else the last 2,000
-    training images, which ``train_recipe`` keeps out of training. ``None``: no such images, T stays 1.
+    They are the recipe's validation split (tutorials 000 and 003: the last 10%), else its calibration split
+    (tutorial 002: the last sixth), else the last 2,000 training images, which ``train_recipe`` keeps out of
+    training. ``None``: no such images, T stays 1.
     """
     if held_out is None or not len(held_out):
         return
@@ -555,7 +570,11 @@ def _calibrate_held_out(clf: Classifier, ds: Dataset, held_out: range | None, ve
                                    "stop": held_out.stop, "seen_in_training": False, "role": role})
     if verbose:
         scores = record["fit_scores"]
-        print(f"Calibration: temperature {record['temperature']:.3f} fit on training images "
+        from .calibrate import calibration_name
+
+        mapped = {f"top_label_{k}": v for k, v in (record.get("top_label") or {}).items()}
+        method = calibration_name({**record, **mapped})
+        print(f"Calibration: {method} fit on training images "
               f"{held_out.start:,}-{held_out.stop - 1:,} ({role}); there ECE {scores['ece_uncalibrated']:.2%} -> "
               f"{scores['ece']:.2%}, NLL {scores['nll_uncalibrated']:.4f} -> {scores['nll']:.4f}", file=sys.stderr)
 
@@ -613,7 +632,7 @@ def combine_and_evaluate(members: Sequence[Classifier], x: np.ndarray, y: np.nda
     With ``dataset`` (the members' own), the ensemble's temperature is fit on its training images that no
     member trained on, where the members' bundles record them (``train_recipe`` holds them out); else T = 1.
     """
-    from .calibrate import softmax
+    from .calibrate import calibrated_probabilities, softmax
 
     clf = combine(members)
     if dataset is not None:
@@ -622,7 +641,8 @@ def combine_and_evaluate(members: Sequence[Classifier], x: np.ndarray, y: np.nda
     probabilities = [softmax(member.logits(x)) for member in members]
     clf.extra = {"member_metrics": [float(np.mean(p.argmax(1) == y)) for p in probabilities]}
     mean = np.mean(probabilities, axis=0)
-    clf.metrics = clf.metrics_of(softmax(np.log(np.clip(mean, 1e-30, None)), clf.temperature), y)
+    clf.metrics = clf.metrics_of(calibrated_probabilities(np.log(np.clip(mean, 1e-30, None)), clf.temperature,
+                                                          clf.top_label), y)
     return clf
 
 

@@ -11,20 +11,23 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 def metrics_from_probabilities(
     probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None, *,
     loss: str = "cross-entropy", label_smoothing: float = 0.0, temperature: float = 1.0,
+    top_label: tuple[float, float] | None = None,
 ) -> dict:
     """All test metrics as JSON-ready values.
 
     ``loss`` is the loss the model was trained with (what Keras's ``evaluate`` reports: the compiled loss),
     by name from ``losses.LOSSES``; ``confusion_matrix[i][j]`` counts images of class i predicted as class j.
-    ``probabilities`` are the model's answers, calibrated by ``temperature``; ``calibration`` holds their ECE
+    ``probabilities`` are the model's answers, calibrated by ``temperature`` and ``top_label`` (see
+    ``calibrate.calibrated_logits``); ``calibration`` holds their ECE
     (15 bins), NLL and Brier score, and the same before calibration (``*_uncalibrated``, T = 1). ``loss`` is
     of the network's own probabilities (T = 1), as in its training history, so it compares with ``val_loss``.
     """
-    from .calibrate import calibration_metrics, logits_of, softmax
+    from .calibrate import calibration_metrics, uncalibrated_probabilities
     from .losses import loss_of_probabilities
 
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    uncalibrated = probabilities if temperature == 1.0 else softmax(logits_of(probabilities), 1.0 / temperature)
+    uncalibrated = probabilities if temperature == 1.0 and top_label is None else uncalibrated_probabilities(
+        probabilities, temperature, top_label)
     labels = np.asarray(labels).astype(np.int64)
     n_classes = probabilities.shape[1]
     names = list(class_names) if class_names is not None else [str(i) for i in range(n_classes)]
@@ -49,7 +52,7 @@ def metrics_from_probabilities(
             for i in classes
         ],
         "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
-        "calibration": calibration_metrics(probabilities, labels, temperature),
+        "calibration": calibration_metrics(probabilities, labels, temperature, top_label),
     }
 
 

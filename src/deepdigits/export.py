@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write_bytes
+from .calibrate import calibrated_logits
 from .errors import DeepDigitsError
 from .outliers import forward_with_features, last_linear, open_set_document
 from .predictor import ModelCard
@@ -22,41 +23,45 @@ OPSET = 17
 
 
 class _Probabilities(nn.Module):
-    """The network, its temperature and softmax: the ONNX graph answers with the calibrated probabilities.
+    """The network, its calibration and softmax: the ONNX graph answers with the calibrated probabilities.
 
     With ``features`` it also answers what the not-a-digit head reads (``outliers``): the last linear
     layer's input and the logits before the temperature.
     """
 
-    def __init__(self, network: nn.Module, temperature: float = 1.0, features: bool = False):
+    def __init__(self, network: nn.Module, temperature: float = 1.0, features: bool = False,
+                 top_label: tuple[float, float] | None = None):
         super().__init__()
         self.network = network
         self.temperature = float(temperature)
+        self.top_label = top_label
         self.features = features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, features = forward_with_features(self.network, images) if self.features else (
             self.network(images), None)
         raw = logits
-        if self.temperature != 1.0:  # a Div node by a constant; an uncalibrated model's graph is as before
-            logits = logits / self.temperature
-        probabilities = torch.softmax(logits, dim=1)
+        # the code predict_proba runs: a Div node by a constant for T (an uncalibrated model's graph is as
+        # before), then the top-label map's few nodes where there is one
+        probabilities = torch.softmax(calibrated_logits(logits, self.temperature, self.top_label), dim=1)
         return probabilities if features is None else (probabilities, features, raw)
 
 
 def onnx_bytes(classifier) -> bytes:
     """The classifier as an ONNX model: input ``images`` float (N, 1, 28, 28) in [0, 1], output ``probabilities``.
 
-    The probabilities are ``softmax(logits / T)`` with the classifier's temperature, as ``predict_proba``.
+    The probabilities are ``softmax(logits / T)`` with the classifier's temperature, then its top-label map
+    where it has one, as ``predict_proba``.
     A classifier with a not-a-digit head (``open_set`` with ``head``) also gets outputs ``features`` and
     ``logits`` and its ``open_set`` in the metadata, so the exported model rejects what the bundle rejects.
     """
     import onnx
 
     temperature = float(getattr(classifier, "temperature", 1.0))
+    top_label = getattr(classifier, "top_label", None)
     open_set = (getattr(classifier, "extra", None) or {}).get("open_set")
     tapped = isinstance(open_set, dict) and open_set.get("head") is not None and last_linear(classifier.network)
-    module = _Probabilities(classifier.network, temperature, features=bool(tapped)).eval()
+    module = _Probabilities(classifier.network, temperature, features=bool(tapped), top_label=top_label).eval()
     names = ["probabilities", "features", "logits"] if tapped else ["probabilities"]
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -72,6 +77,7 @@ def onnx_bytes(classifier) -> bytes:
         "deepdigits.input": "float32 (N, 1, 28, 28): MNIST-style images scaled by input_scale",
         "deepdigits.input_scale": repr(classifier.input_scale),
         "deepdigits.temperature": repr(temperature),  # already in the graph; recorded for people and tools
+        **({"deepdigits.top_label": json.dumps(list(top_label))} if top_label else {}),  # [a, b], the same
         "deepdigits.card": json.dumps(classifier.card().to_dict()),
     }
     if tapped:
@@ -85,6 +91,15 @@ def onnx_bytes(classifier) -> bytes:
 def export_onnx(classifier, path: str | os.PathLike) -> Path:
     """Write the classifier as an ONNX file, atomically."""
     return atomic_write_bytes(path, onnx_bytes(classifier))
+
+
+def _top_label(stored: str | None) -> tuple[float, float] | None:
+    """The exported top-label map ``[a, b]`` as recorded (informative only: the graph applies it)."""
+    try:
+        a, b = json.loads(stored) if stored else (None, None)
+        return (float(a), float(b)) if a is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 class OnnxClassifier:
@@ -108,6 +123,7 @@ class OnnxClassifier:
         self.class_names = tuple(json.loads(meta.get("deepdigits.class_names", json.dumps(list("0123456789")))))
         self.input_scale = float(meta.get("deepdigits.input_scale", 1 / 255))
         self.temperature = float(meta.get("deepdigits.temperature", 1.0))  # already applied inside the graph
+        self.top_label = _top_label(meta.get("deepdigits.top_label"))  # so is this
         self.input_name = self.session.get_inputs()[0].name
         self._card = self._read_card(meta.get("deepdigits.card"), source)
         outputs = [o.name for o in self.session.get_outputs()]

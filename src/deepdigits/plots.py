@@ -278,22 +278,23 @@ def crossval_scores(scores: Sequence[float]) -> Figure:
 
 
 def reliability_diagram(probabilities: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
-                        title: str = "Reliability") -> Figure:
+                        title: str = "Reliability", top_label: tuple[float, float] | None = None) -> Figure:
     """Accuracy against confidence in 15 equal-width bins, before calibration (T = 1) and after (T).
 
     ``probabilities`` are the calibrated ones (``predict_proba``). A black line marks each bin's accuracy,
     the shaded part is the gap to its mean confidence (red: over-confident, orange: under-confident); the
     panels below count the images in each bin (log scale).
     """
-    from .calibrate import N_BINS, calibration_metrics, logits_of, reliability_bins, softmax
+    from .calibrate import N_BINS, calibration_metrics, calibration_name, reliability_bins, uncalibrated_probabilities
 
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    scores = calibration_metrics(probabilities, labels, temperature)
-    before = softmax(logits_of(probabilities), 1.0 / temperature) if temperature != 1.0 else probabilities
+    scores = calibration_metrics(probabilities, labels, temperature, top_label)
+    before = probabilities if temperature == 1.0 and top_label is None else uncalibrated_probabilities(
+        probabilities, temperature, top_label)
     figure = _new_figure((11, 6.6))
     axes = figure.subplots(2, 2, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     panels = ((before, "Before calibration (T = 1)", "_uncalibrated"),
-              (probabilities, f"After: temperature T = {temperature:.3f}", ""))
+              (probabilities, f"After: {calibration_name(scores)}", ""))
     width = 1.0 / N_BINS
     for column, (p, heading, suffix) in enumerate(panels):
         bins = reliability_bins(p, labels)
@@ -380,7 +381,8 @@ def make_figure(kind: str, classifier, dataset=None, index: int = 0, count: int 
         return probability_bars(images[index], probabilities[index], names, names[labels[index]])
     if kind == "calibration":
         return reliability_diagram(probabilities, labels, getattr(classifier, "temperature", 1.0),
-                                   f"{classifier.architecture} on the {getattr(dataset, 'name', '')} test set")
+                                   f"{classifier.architecture} on the {getattr(dataset, 'name', '')} test set",
+                                   getattr(classifier, "top_label", None))
     if kind == "predictions":
         chosen = slice(index, index + count)
         return predictions_grid(images[chosen], predicted[chosen], labels[chosen], names)

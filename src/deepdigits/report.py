@@ -85,25 +85,30 @@ def _training_rows(classifier) -> list[tuple[str, str]]:
 
 def _calibration_section(classifier, dataset, probabilities: np.ndarray, metrics: dict) -> str:
     """The reliability diagram, ECE / NLL / Brier before and after the temperature, and what it was fit on."""
+    from .calibrate import calibration_name
+
     scores = metrics["calibration"]
     rows = "".join(
         f"<tr><td>{name}</td><td class='num'>{scores['ece' + suffix] * 100:.2f}%</td>"
         f"<td class='num'>{scores['nll' + suffix]:.4f}</td><td class='num'>{scores['brier' + suffix]:.4f}</td></tr>"
-        for name, suffix in ((f"calibrated (T = {scores['temperature']:.3f})", ""), ("uncalibrated (T = 1)",
-                                                                                      "_uncalibrated"))
+        for name, suffix in ((f"calibrated ({calibration_name(scores)})", ""), ("uncalibrated (T = 1)",
+                                                                                 "_uncalibrated"))
     )
     record = classifier.calibration or {}
     fit_on = record.get("fit_on") or {}
+    what = "calibration" if record.get("top_label") else "temperature"
     if not record:
         source = "This model has no temperature (T = 1): its probabilities are the network's own."
     elif isinstance(fit_on.get("start"), int):
         seen = "which it trained on" if fit_on.get("seen_in_training") else "which training did not see"
-        source = (f"The temperature was fit on {fit_on.get('dataset', 'the')} training images {fit_on['start']:,}-"
+        source = (f"The {what} was fit on {fit_on.get('dataset', 'the')} training images {fit_on['start']:,}-"
                   f"{fit_on['stop'] - 1:,} ({fit_on.get('n', 0):,} images, {seen}), never on the test set.")
     else:
-        source = f"The temperature was fit on {fit_on.get('n', 0):,} held-out images, never on the test set."
+        source = f"The {what} was fit on {fit_on.get('n', 0):,} held-out images, never on the test set."
     figure = plots.make_figure("calibration", classifier, dataset, probabilities=probabilities)
-    return (f"<p>Probabilities are <code>softmax(logits / T)</code>. Expected calibration error (15 bins), "
+    mapped = (" then the top class's log-odds L against the others become <code>a + b L</code> (a top-label "
+              "map, fit on the same images)") if scores.get("top_label_slope") is not None else ""
+    return (f"<p>Probabilities are <code>softmax(logits / T)</code>{mapped}. Expected calibration error (15 bins), "
             f"negative log-likelihood and Brier score on {metrics['n']:,} test images (lower is better):</p>"
             f"<div class='scroll'><table><tr><th></th><th class='num'>ECE</th><th class='num'>NLL</th>"
             f"<th class='num'>Brier</th></tr>{rows}</table></div>"

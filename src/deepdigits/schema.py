@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from .calibrate import MAX_TEMPERATURE, MIN_TEMPERATURE
+from .calibrate import MAX_INTERCEPT, MAX_SLOPE, MAX_TEMPERATURE, MIN_TEMPERATURE, TEMPERATURE, TOP_LABEL
 from .models import N_CLASSES
 
 FORMAT = "deepdigits-bundle"
@@ -154,14 +154,31 @@ class HeldOutImages(_Open):
     seen_in_training: bool | None = None
 
 
-class Calibration(_Open):
-    """How probabilities are calibrated: ``softmax(logits / temperature)``, fit on held-out images."""
+class TopLabelMap(_Open):
+    """The top class's log-odds L against the others become ``intercept + slope * L`` (calibrated_logits)."""
 
-    method: Literal["temperature"] = "temperature"
+    intercept: Annotated[Number, _range(-MAX_INTERCEPT, MAX_INTERCEPT)]
+    slope: Annotated[Number, _range(0, MAX_SLOPE, low_open=True)]
+
+
+class Calibration(_Open):
+    """How probabilities are calibrated: ``softmax(logits / temperature)``, then a top-label map where the
+    method names one; fit on held-out images."""
+
+    method: Literal["temperature", "temperature+top-label"] = TEMPERATURE
     temperature: Annotated[Number, AfterValidator(_temperature)]
+    top_label: TopLabelMap | None = None
+    cross_validated_nll: Annotated[dict[ShortText, Number], Field(max_length=8)] | None = None
     fit_on: HeldOutImages | None = None
     fit_scores: Annotated[dict[ShortText, Number], Field(max_length=32)] | None = None  # ECE, NLL, Brier there
     note: Text | None = None
+
+    @model_validator(mode="after")
+    def _map_matches_method(self) -> Calibration:
+        if (self.method == TOP_LABEL) != (self.top_label is not None):
+            raise PydanticCustomError("calibration_map", "expected top_label exactly where method is {method!r}",
+                                      {"method": TOP_LABEL})
+        return self
 
 
 MAX_OPEN_SET_INPUTS = 1 << 16  # inputs of an open_set head (the built-in model's reads 1,172)
