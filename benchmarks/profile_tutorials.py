@@ -129,7 +129,8 @@ def profile_tutorial(tutorial: str, ds, steps: int, sync_every: int, top: int) -
 def variant(name: str, tutorial: str, ds) -> tuple[train.TrainingRun, object, bool, float]:
     """A run of the tutorial changed in one respect: (run, forward callable, sync every step, setup seconds)."""
     started = time.perf_counter()
-    run, _, _ = prepared(tutorial, ds, bf16=name.startswith("bf16"))
+    precision = {"bf16": True, "float32": False}.get(name.split("+")[0])  # else the recipe's own
+    run, _, _ = prepared(tutorial, ds, **({} if precision is None else {"bf16": precision}))
     forward, sync = None, name == "sync-every-step"
     if name == "contiguous":
         run.network.to(memory_format=torch.contiguous_format)
@@ -148,14 +149,20 @@ def variant(name: str, tutorial: str, ds) -> tuple[train.TrainingRun, object, bo
                 run.network[i] = nn.Dropout(layer.p)
     elif name.endswith("compile"):
         forward = torch.compile(run.network)
-    elif name not in ("recipe", "bf16", "sync-every-step", "1-thread", "fp32-bf16-math"):
+    elif name == "torch-rmsprop":  # torch's own RMSprop, not train.RMSprop's fused update
+        group = run.optimizer.param_groups[0]
+        run.optimizer = torch.optim.RMSprop(run.network.parameters(), lr=group["lr"], alpha=group["alpha"],
+                                            eps=group["eps"], weight_decay=group["weight_decay"])
+    elif name == "float32-data":  # batches drawn from float32 images, cast by autocast each step
+        run.x = run.float_x if run.float_x is not None else run.x
+    elif name not in ("recipe", "bf16", "float32", "sync-every-step", "1-thread", "fp32-bf16-math"):
         raise SystemExit(f"unknown variant {name!r}; expected one of: {', '.join(VARIANTS)}")
     run.network.train()
     return run, forward, sync, time.perf_counter() - started
 
 
-VARIANTS = ("recipe", "bf16", "contiguous", "relu-then-pool", "torch-dropout", "sync-every-step", "compile",
-            "bf16+compile", "1-thread", "fp32-bf16-math")
+VARIANTS = ("recipe", "bf16", "float32", "contiguous", "relu-then-pool", "torch-dropout", "sync-every-step",
+            "compile", "bf16+compile", "1-thread", "fp32-bf16-math", "torch-rmsprop", "float32-data")
 
 
 def settle(name: str, threads: int) -> None:

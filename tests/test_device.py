@@ -38,3 +38,11 @@ def test_settings_line_says_which_precision_training_uses(monkeypatch):
     assert device.precision_text(True, cpu) == "bfloat16 autocast"
     monkeypatch.setattr(device, "native_bf16", lambda _: False)
     assert device.precision_text(True, cpu).startswith("float32 (this processor has no native bfloat16")
+
+
+def test_dense_networks_score_in_larger_chunks_than_convolutional_ones():
+    from deepdigits.device import DENSE_INFERENCE_BATCH, INFERENCE_BATCH, inference_batch
+    from deepdigits.models import build_model
+
+    assert inference_batch(build_model("tutorial-000")) == DENSE_INFERENCE_BATCH == 1000
+    assert inference_batch(build_model("tutorial-003")) == INFERENCE_BATCH == 128

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -172,3 +174,60 @@ def test_fast_and_best_recipes_learn_on_small_data(mnist):
         options = {**recipe.fit_options(), "epochs": 2}
         clf.fit(mnist.x_train[:2000], mnist.y_train[:2000], verbose=0, **options)
         assert clf.evaluate(mnist.x_test[:500], mnist.y_test[:500])["accuracy"] > minimum, name
+
+
+def test_rmsprop_takes_torchs_steps_in_one_fused_pass_and_keeps_its_state():
+    from deepdigits.train import RMSprop
+
+    def params():
+        g = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((64, 30), (64,), (3, 64))]
+
+    for weight_decay, momentum in ((0.0, 0.0), (1e-3, 0.0), (0.0, 0.5)):  # momentum: torch's own path
+        ours, theirs = params(), params()
+        fused = RMSprop(ours, lr=1e-3, alpha=0.9, eps=1e-7, weight_decay=weight_decay, momentum=momentum)
+        plain = torch.optim.RMSprop(theirs, lr=1e-3, alpha=0.9, eps=1e-7, weight_decay=weight_decay,
+                                    momentum=momentum)
+        g = torch.Generator().manual_seed(1)
+        for i in range(60):
+            for a, b in zip(ours, theirs, strict=True):
+                a.grad = torch.randn(a.shape, generator=g) * 10.0 ** (i % 4 - 3)
+                b.grad = a.grad.clone()
+            fused.step()
+            plain.step()
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+            assert torch.allclose(fused.state[a]["square_avg"], plain.state[b]["square_avg"], rtol=1e-5)
+            assert float(fused.state[a]["step"]) == 60.0
+        assert bool(fused.__dict__.get("_first_moments")) == (momentum == 0)  # the fused kernel took the plain steps
+    # the same state as torch's: a checkpoint of either loads into the other and continues alike
+    ours, theirs = params(), params()
+    fused = RMSprop(ours, lr=1e-3, alpha=0.9, eps=1e-7)
+    plain = torch.optim.RMSprop(theirs, lr=1e-3, alpha=0.9, eps=1e-7)
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    plain.step()
+    fused.load_state_dict(copy.deepcopy(plain.state_dict()))  # a deep copy, as a checkpoint is
+    with torch.no_grad():
+        for a, b in zip(ours, theirs, strict=True):
+            a.copy_(b)
+    fused.step()
+    plain.step()
+    assert sorted(fused.state_dict()["state"][0]) == ["square_avg", "step"]
+    assert all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_bfloat16_runs_draw_batches_from_images_cast_once_to_the_same_numbers():
+    from deepdigits.train import training_inputs
+
+    x = torch.rand(16, 1, 28, 28)
+    for name in ("tutorial-000", "tutorial-003", "tutorial-004"):
+        network = build_model(name, seed=0).eval()
+        cast = training_inputs(network, x, "bfloat16", augment=False)
+        assert cast.dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(network(x), network(cast))  # autocast rounds each batch the same way
+    cnn = build_model("tutorial-003")
+    assert training_inputs(cnn, x, "float32", augment=False) is x
+    assert training_inputs(cnn, x, "bfloat16", augment=True) is x  # augmentation works on float images
+    assert training_inputs(build_model("strided-cnn"), x, "bfloat16", augment=False) is x  # Standardize first
