@@ -1,19 +1,21 @@
-"""Calibration of model bundles on the MNIST test set: ECE (15 bins), NLL and Brier before and after the temperature.
+"""Calibration of model bundles on the MNIST test set: ECE (15 bins), NLL and Brier before and after calibration.
 
     python benchmarks/calibration.py                         # the built-in model
     python benchmarks/calibration.py /tmp/fast runs/t003      # any bundles
     python benchmarks/calibration.py --compare /tmp/fast      # other calibration maps, Brent against L-BFGS
     python benchmarks/calibration.py --fit-tail 5000 --write src/deepdigits/builtin
 
-The temperature is always fit on training images (a bundle's recorded held-out slice, or with ``--fit-tail N``
-the last N training images); the test set only scores it. Beside each ECE: its sampling noise on the test set
-(the standard deviation over ``--rounds`` bootstrap resamples of the test images) and the ECE a perfectly
-calibrated model with the same confidences would show on as many images (labels drawn right with probability
-equal to the confidence, mean +- sd): ECE is biased upwards on a finite set, so this is the floor to read it
-against. ``--compare`` also scores other maps, each fit on the same held-out images and first compared there by
-5-fold cross-validation (twice, shuffled), which is how a method is chosen: the test set only confirms.
+The calibration is always fit on training images (a bundle's recorded held-out slice, or with ``--fit-tail N``
+the last N training images); the test set only scores it. Rows: T = 1; the temperature alone; and where the
+bundle's held-out cross-validation chose it, the temperature and the top-label map (calibrate.fit_calibration).
+Beside each ECE: its sampling noise on the test set (the standard deviation over ``--rounds`` bootstrap
+resamples of the test images) and the ECE a perfectly calibrated model with the same confidences would show on
+as many images (labels drawn right with probability equal to the confidence, mean +- sd): ECE is biased upwards
+on a finite set, so this is the floor to read it against. ``--compare`` also scores other maps, each fit on the
+same held-out images and first compared there by 5-fold cross-validation (twice, shuffled), which is how a
+method is chosen: the test set only confirms.
 
-``--write`` records a temperature fit with ``--fit-tail`` in the bundle's model.json (weights untouched), marked
+``--write`` records a calibration fit with ``--fit-tail`` in the bundle's model.json (weights untouched), marked
 as fit on images the model trained on when its recipe held none out (the built-in model trained on all 60,000).
 """
 
@@ -29,7 +31,16 @@ import numpy as np
 import torch
 
 from deepdigits import load_dataset
-from deepdigits.calibrate import expected_calibration_error, fit_temperature, scores, softmax
+from deepdigits.calibrate import (
+    TOP_LABEL,
+    calibrated_probabilities,
+    expected_calibration_error,
+    fit_calibration,
+    fit_temperature,
+    fit_top_label,
+    scores,
+    softmax,
+)
 from deepdigits.classifier import Classifier
 from deepdigits.predictor import BUILTIN_MODEL
 
@@ -114,10 +125,33 @@ def ece_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(grid[int(np.argmin([expected_calibration_error(softmax(logits, t), labels) for t in grid]))])
 
 
+def isotonic_top_label(logits: np.ndarray, labels: np.ndarray):
+    """After T, the top confidence mapped by scikit-learn's IsotonicRegression (right or wrong against it), the
+    other classes rescaled to share the rest (the answer can change where the map drops below the second)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    temperature = fit_temperature(logits, labels)
+    p = softmax(logits, temperature)
+    iso = IsotonicRegression(y_min=1e-6, y_max=1 - 1e-6, out_of_bounds="clip").fit(
+        p.max(1), (p.argmax(1) == labels).astype(float))
+    return temperature, iso
+
+
 def _as_probabilities(fitted) -> callable:
     kind, params = fitted
     if kind == "temperature":
         return lambda z: softmax(z, params)
+    if kind == "top-label":
+        return lambda z: calibrated_probabilities(z, *params)
+    if kind == "isotonic":
+        def isotonic(z: np.ndarray) -> np.ndarray:
+            p = softmax(z, params[0])
+            top, rows = p.argmax(1), np.arange(len(p))
+            g = params[1].predict(p[rows, top])
+            out = p * ((1 - g) / np.clip(1 - p[rows, top], 1e-12, None))[:, None]
+            out[rows, top] = g
+            return out
+        return isotonic
     if kind == "scale-bias":
         return lambda z: softmax(z * params[0] + params[1])
     a, b = params  # entropy temperature
@@ -128,6 +162,9 @@ def _as_probabilities(fitted) -> callable:
 MAPS = {
     "temperature (NLL, as trained)": lambda z, y: ("temperature", fit_temperature(z, y)),
     "temperature (lowest ECE)": lambda z, y: ("temperature", ece_temperature(z, y)),
+    "temperature + top-label map (Platt)": lambda z, y: ("top-label", (t := fit_temperature(z, y),
+                                                                         fit_top_label(z, y, t))),
+    "temperature + top-label isotonic": lambda z, y: ("isotonic", isotonic_top_label(z, y)),
     "temperature + bias per class": lambda z, y: ("scale-bias", temperature_and_bias(z, y)),
     "vector scaling": lambda z, y: ("scale-bias", vector_scaling(z, y)),
     "entropy temperature": lambda z, y: ("entropy", entropy_temperature(z, y)),
@@ -212,11 +249,27 @@ def main() -> None:
         started = time.perf_counter()
         temperature = fit_temperature(fit_z, fit_y)
         seconds = time.perf_counter() - started
+        # the bundle's own calibration where it recorded its images, else fit here (what training does)
+        stored = args.fit_tail is None and (clf.calibration or {}).get("fit_on", {}).get("start") is not None
+        fitted = ({"method": (clf.calibration or {}).get("method"), "temperature": clf.temperature,
+                   "top_label": clf.top_label, "cross_validated_nll": (clf.calibration or {}).get(
+                       "cross_validated_nll")} if stored else fit_calibration(fit_z, fit_y))
         where = f"training images {chosen.start}-{chosen.stop - 1}" + (" (seen in training)" if seen else "")
         name = Path(path).name if Path(path) != BUILTIN_MODEL else "built-in"
         print(line(f"{name}, T = 1", softmax(test_z), test_y, args.rounds))
         print(line(f"{name}, T = {temperature:.4f} fit on {where}", softmax(test_z, temperature), test_y,
                    args.rounds))
+        cv = fitted.get("cross_validated_nll") or {}
+        chosen_by = ", ".join(f"{k} {v:.4f}" for k, v in cv.items())
+        if fitted["method"] == TOP_LABEL:
+            a, b = fitted["top_label"]
+            print(line(f"{name}, chosen: T = {fitted['temperature']:.4f} + top label {b:.3f} L {a:+.3f} "
+                       f"(held-out 5-fold NLL: {chosen_by})",
+                       calibrated_probabilities(test_z, fitted["temperature"], fitted["top_label"]), test_y,
+                       args.rounds))
+        else:
+            print(f"| {name}, chosen: the temperature (held-out 5-fold NLL: {chosen_by or 'not recorded'}) "
+                  "| | | | | | | |")
         if args.compare:
             started_lbfgs = time.perf_counter()
             t_lbfgs = lbfgs_temperature(fit_z, fit_y)
@@ -229,7 +282,7 @@ def main() -> None:
                 print(line(f"{name}, {method}: 5-fold on the held-out images NLL {cv_nll:.4f}, ECE {cv_ece:.2%}",
                            probabilities, test_y, args.rounds))
         if args.write:
-            write(Path(path), clf, temperature, fit_z, fit_y, chosen, seen, softmax(test_z, temperature), test_y)
+            write(Path(path), fitted, fit_z, fit_y, chosen, seen, test_z, test_y)
 
 
 def _cpu() -> str:
@@ -244,20 +297,25 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def write(path: Path, clf: Classifier, temperature: float, fit_z: np.ndarray, fit_y: np.ndarray, chosen: range,
-          seen: bool, test_probabilities: np.ndarray, test_y: np.ndarray) -> None:
-    """Record the temperature in ``path/model.json`` (validated; the weights and their checksum untouched)."""
+def write(path: Path, fitted: dict, fit_z: np.ndarray, fit_y: np.ndarray, chosen: range, seen: bool,
+          test_z: np.ndarray, test_y: np.ndarray) -> None:
+    """Record the calibration in ``path/model.json`` (validated; the weights and their checksum untouched)."""
     from deepdigits.atomic import atomic_write_text
     from deepdigits.calibrate import calibration_metrics
     from deepdigits.schema import validate_document
 
     meta_path = path / "model.json"
     document = json.loads(meta_path.read_text())
-    before, after = scores(softmax(fit_z), fit_y), scores(softmax(fit_z, temperature), fit_y)
-    on_test = calibration_metrics(test_probabilities, test_y, temperature)
+    temperature, top_label = fitted["temperature"], fitted["top_label"]
+    before = scores(softmax(fit_z), fit_y)
+    after = scores(calibrated_probabilities(fit_z, temperature, top_label), fit_y)
+    on_test = calibration_metrics(calibrated_probabilities(test_z, temperature, top_label), test_y, temperature,
+                                  top_label)
     document["calibration"] = {
-        "method": "temperature",
+        "method": fitted["method"],
         "temperature": temperature,
+        **({"top_label": {"intercept": top_label[0], "slope": top_label[1]}} if top_label else {}),
+        **({"cross_validated_nll": fitted["cross_validated_nll"]} if fitted.get("cross_validated_nll") else {}),
         "fit_on": {"dataset": "mnist", "split": "train", "start": chosen.start, "stop": chosen.stop,
                    "seen_in_training": seen, "role": "training images" if seen else "held out", "n": len(chosen)},
         "fit_scores": {**after, **{f"{k}_uncalibrated": v for k, v in before.items()}},
@@ -277,7 +335,7 @@ def write(path: Path, clf: Classifier, temperature: float, fit_z: np.ndarray, fi
     validate_document(document)
     assert math.isfinite(temperature)
     atomic_write_text(meta_path, json.dumps(document, indent=2) + "\n")
-    print(f"wrote {meta_path}: temperature {temperature:.4f}")
+    print(f"wrote {meta_path}: {fitted['method']}, temperature {temperature:.4f}, top label {top_label}")
 
 
 if __name__ == "__main__":

@@ -294,9 +294,11 @@ def calibration_name(calibration: dict) -> str:
 
 def format_calibration(calibration: dict) -> str:
     """Two lines: ECE, NLL and Brier with the stored calibration, and before it (T = 1)."""
+    labels = (f"Calibrated ({calibration_name(calibration)}):", "Uncalibrated (T = 1):")
+    width = max(24, *(len(label) + 1 for label in labels))
+
     def line(label: str, suffix: str) -> str:
-        return (f"{label:<24}ECE (15 bins) {calibration['ece' + suffix] * 100:5.2f}%   "
+        return (f"{label:<{width}}ECE (15 bins) {calibration['ece' + suffix] * 100:5.2f}%   "
                 f"NLL {calibration['nll' + suffix]:.4f}   Brier {calibration['brier' + suffix]:.4f}")
 
-    return "\n".join([line(f"Calibrated ({calibration_name(calibration)}):", ""),
-                      line("Uncalibrated (T = 1):", "_uncalibrated")])
+    return "\n".join([line(labels[0], ""), line(labels[1], "_uncalibrated")])
