@@ -20,6 +20,7 @@ from .device import (
     INFERENCE_BATCH,
     default_device,
     inference_batch,
+    keep_freed_memory,
     prefers_channels_last,
     training_precision,
     training_threads,
@@ -554,6 +555,8 @@ def prepare(network: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: 
     channels_last = channels_last or prefers_channels_last(network, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     network.to(device, memory_format=memory_format)
+    if device.type == "cpu":
+        keep_freed_memory()
     x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
     opt = make_optimizer(optimizer, network.parameters(), learning_rate, weight_decay)
     steps = steps_per_epoch(len(x), batch_size, world_size)
