@@ -4,7 +4,8 @@ Each tutorial runs exactly as it ran: the network of ``deepdigits.models`` writt
 the recipe's optimizer (Keras's own, at the recipe's learning rate), batch size, epochs, loss and
 validation split, on the same images as ours. Ours is ``deepdigits.train_recipe("tutorial-00N")``, which for
 recipes without a validation split (001, 002, 004) holds out the last ``calibrate.HOLDOUT`` training images
-(2,000 of MNIST's 60,000) for calibration and trains on the rest: the Keras peer trains on those same images
+(2,000 of MNIST's 60,000; 10,000 for 002, its ``calibration_split``) for calibration and trains on the rest:
+the Keras peer trains on those same images
 (``calibrate.held_out_range`` decides for both; the table's "train images" column shows how many). 000 and
 003 train on the first 54,000 and validate on the last 6,000 (``validation_split=0.1``), in both.
 
@@ -108,8 +109,9 @@ def run_keras(tutorial: str, seed: int, threads: int, peer_000_loss: str, ds, ep
     keras.utils.set_random_seed(seed)
     n = len(ds.x_train)
     # the images ours trains (and validates) on: with a validation split, all of them (Keras takes the last
-    # fraction, as ours does); without one, all but the last calibrate.HOLDOUT (held out for calibration in ours)
-    stop = n if recipe.validation_split else held_out_range(n, 0.0).start
+    # fraction, as ours does); without one, all but the images ours holds out for calibration (the last
+    # calibrate.HOLDOUT, or the recipe's calibration_split: 10,000 for tutorial 002)
+    stop = n if recipe.validation_split else held_out_range(n, 0.0, recipe.calibration_split).start
     shape = (-1, 28, 28, 1) if tutorial == "003" else (-1, 784)
     x_train = ds.x_train[:stop].reshape(shape).astype("float32") * recipe.input_scale
     y_train = keras.utils.to_categorical(ds.y_train[:stop], 10)
