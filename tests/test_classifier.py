@@ -137,3 +137,36 @@ def test_bundle_round_trip_keeps_the_temperature(mnist, tmp_path):
     (path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match=r"calibration\.fit_on\.split"):
         load(path)
+
+
+def test_a_photo_crops_recipe_trains_on_crops_of_its_training_part_only(tiny, monkeypatch):
+    from deepdigits import data, load_dataset, train_recipe
+    from deepdigits.recipes import get_recipe
+
+    spec, source = tiny
+    ds = load_dataset(spec.name, data_dir=source)
+    seen: dict = {}
+    fit, made = Classifier.fit, data.photo_crops
+
+    def recording_fit(self, x, y, **options):
+        seen["x"], seen["y"] = np.array(x), np.array(y)
+        return fit(self, x, y, **options)
+
+    def recording_crops(x, y, count, **options):
+        seen["from"] = np.array(x)
+        return made(x, y, count, **options)
+
+    monkeypatch.setattr(Classifier, "fit", recording_fit)
+    monkeypatch.setattr("deepdigits.classifier.photo_crops", recording_crops)
+    recipe = get_recipe("tutorial-004").with_overrides(photo_crops=4)
+    clf = train_recipe(recipe, dataset=ds, epochs=1, verbose=0)
+    start = clf.calibration["fit_on"]["start"]  # the held-out tail: calibration's, never photographed
+    assert 0 < start < 30 and clf.calibration["fit_on"]["seen_in_training"] is False
+    np.testing.assert_array_equal(seen["from"], ds.x_train[:start])
+    assert seen["x"].shape == (start + 4, 28, 28) and seen["y"].shape == (start + 4,)
+    np.testing.assert_array_equal(seen["x"][:start], ds.x_train[:start])
+    crops, labels = made(ds.x_train[:start], ds.y_train[:start], 4)  # the same crops, from the cache
+    np.testing.assert_array_equal(seen["x"][start:], crops)
+    np.testing.assert_array_equal(seen["y"][start:], labels)
+    assert clf.recipe["photo_crops"] == 4
+    assert "4 photographed training digits added (recipe: 0)" in recipe.settings_text(get_recipe("tutorial-004"))

@@ -546,3 +546,47 @@ def test_download_is_capped_and_parsed_before_the_checksum(tmp_path):
         assert not dest.exists() and list(dest.parent.iterdir()) == []
     finally:
         server.shutdown()
+
+
+def _ring_and_bar() -> tuple[np.ndarray, np.ndarray]:
+    """Two drawn digits: a 0 (a ring) and a 1 (an upright bar)."""
+    x = np.zeros((2, 28, 28), np.uint8)
+    yy, xx = np.mgrid[:28, :28]
+    radius = np.hypot(yy - 14, xx - 14)
+    x[0][(radius > 5) & (radius < 9)] = 255
+    x[1, 5:23, 13:16] = 255
+    return x, np.array([0, 1], np.uint8)
+
+
+def test_photo_crops_are_the_digits_photographed_and_cut_out_again(tmp_path, monkeypatch):
+    from scipy import ndimage
+
+    from deepdigits import data, synthetic
+
+    x, y = _ring_and_bar()
+    crops, labels = data.photo_crops(x, y, 5, cache=tmp_path)
+    assert crops.shape == (5, 28, 28) and crops.dtype == np.uint8
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1]  # each digit once before any repeats
+    for crop, label in zip(crops, labels, strict=True):
+        rows, cols = np.nonzero(crop > 30)
+        assert crop.max() == 255 and rows.max() - rows.min() + 1 <= 21  # MNIST's 20-pixel box, as to_mnist
+        assert np.allclose(ndimage.center_of_mass(crop), 14, atol=1)
+        if label == 0:  # the ring keeps its hole; the bar stays tall and thin
+            assert crop[14, 14] == 0 and cols.max() - cols.min() > 15
+        else:
+            assert crop[14, 14] > 128 and cols.max() - cols.min() < 8
+    assert len(list(tmp_path.glob("photo-crops-*.npz"))) == 1
+
+    def no_drawing(*_args, **_kwargs):
+        raise AssertionError("drawn again")
+
+    monkeypatch.setattr(synthetic, "render_digit", no_drawing)
+    again, again_labels = data.photo_crops(x, y, 5, cache=tmp_path)  # from the cache, nothing drawn
+    np.testing.assert_array_equal(again, crops)
+    np.testing.assert_array_equal(again_labels, labels)
+    with pytest.raises(AssertionError, match="drawn again"):
+        data.photo_crops(x, y, 5, seed=1, cache=tmp_path)  # another seed is another set
+    with pytest.raises(ValueError, match="count must be 0 or more of 2 digits with 2 labels"):
+        data.photo_crops(x, y, -1, cache=tmp_path)
+    empty, empty_labels = data.photo_crops(x, y, 0, cache=tmp_path)
+    assert empty.shape == (0, 28, 28) and empty_labels.shape == (0,)

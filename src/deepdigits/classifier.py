@@ -16,7 +16,7 @@ import torch
 
 from .bundle import load_bundle, save_bundle
 from .calibrate import held_out_range
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset, photo_crops
 from .data import validation_split as split_last_fraction
 from .device import INFERENCE_BATCH, channels_last, default_device, precision_text, threads_for
 from .errors import BundleError, DeepDigitsError
@@ -406,6 +406,9 @@ def train_recipe(
     # for calibration: never the test set
     held_out = held_out_range(len(ds.x_train), chosen.validation_split, chosen.calibration_split)
     x_train, y_train = x_train[: held_out.start], y_train[: held_out.start]  # no-op where it is the validation split
+    if chosen.photo_crops:  # made from the training part only: the held-out images stay unseen
+        crops, labels = photo_crops(x_train, y_train, chosen.photo_crops, verbose=verbose > 0)
+        x_train, y_train = np.concatenate([x_train, crops]), np.concatenate([y_train, labels])
     clf.fit(x_train, y_train, validation_data=(x_val, y_val) if len(x_val) else None, verbose=verbose,
             **chosen.fit_options(), **checkpoint.checkpointing(checkpoint_dir, checkpoint_every, resumed, identity))
     if clf.history and (world is None or world.rank == 0):

@@ -31,6 +31,9 @@ class Recipe:
     ema_decay: float = 0.0  # >0: evaluate and keep an exponential moving average of the weights
     bf16: bool = False  # bfloat16 autocast where the device computes it natively (see native_bf16)
     channels_last: bool = False
+    # >0: this many training digits also photographed and read back by the recogniser (data.photo_crops),
+    # added to the training set: the crops the network meets in photos, not MNIST's own
+    photo_crops: int = 0
     members: int = 0  # >0: an ensemble of this many networks, each trained by member_recipe with its own seed
     member_recipe: str = ""
     # without a validation split: the last fraction held out for calibration alone (0: the last 2,000 images)
@@ -71,6 +74,8 @@ class Recipe:
             parts.append(f"label smoothing {self.label_smoothing:g}")
         if self.ema_decay:
             parts.append(f"weight averaging {self.ema_decay:g}")
+        if self.photo_crops:
+            parts.append(value("photo_crops", f"{self.photo_crops:,} photographed training digits added"))
         if self.loss != "cross-entropy":
             parts.append(f"loss {self.loss}")
         if self.input_scale != 1 / 255:
