@@ -106,7 +106,7 @@ def nll_of_logits(logits: np.ndarray, labels: np.ndarray, temperature: float = 1
 # (the last 2,000 are MNIST's easiest: tutorial 002 reads 92.8% of them held out, 86.5-91.0% of every other
 # 2,000 it trained on) gave a T nearer the test set's own by NLL but test ECE 1.80/1.52/1.31%: the tail is kept.
 # What met 1% (benchmarks/RESULTS.md, "Calibration"): a top-label map after T (fit_calibration), fit on tutorial
-# 002's last 10,000 training images held out (Recipe.calibration_split): test ECE 0.89/0.76/0.76% against
+# 002's last 10,000 training images held out (Recipe.calibration_split): test ECE 0.89/0.76/0.75% against
 # 2.15/1.94/1.19% for T alone on the same images; on the last 2,000 the map made it worse (1.92/2.48/2.02%).
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature T minimising the NLL of ``softmax(logits / T)`` on held-out logits, within ``FIT_RANGE``.
