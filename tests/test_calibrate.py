@@ -300,7 +300,16 @@ def test_a_top_label_map_travels_in_the_bundle_and_is_checked(mnist, tmp_path):
     assert loaded.top_label == (-0.2, 1.25)
     np.testing.assert_array_equal(loaded.predict_proba(images), clf.predict_proba(images))
     metrics = loaded.evaluate(images, mnist.y_test[:200])["calibration"]
-    assert metrics["top_label_slope"] == 1.25 and "T = " in format_calibration(metrics)
+    assert metrics["top_label_slope"] == 1.25 and "top label 1.250 L -0.200" in format_calibration(metrics)
+
+    class Subset:
+        name, x_test, y_test = "mnist", images, mnist.y_test[:200]
+
+    from deepdigits.plots import make_figure
+
+    titles = [ax.get_title() for ax in make_figure("calibration", loaded, Subset()).axes]
+    assert f"After: T = {clf.temperature:.3f}, top label 1.250 L -0.200" in titles[1]
+    assert f"NLL {metrics['nll_uncalibrated']:.4f}" in titles[0]  # the before panel: the map undone
     assert metrics["nll_uncalibrated"] == pytest.approx(scores(softmax(clf.logits(images)), mnist.y_test[:200])["nll"],
                                                         rel=1e-4)
     meta = json.loads((path / "model.json").read_text())
