@@ -60,25 +60,24 @@ def threads_for(n_images: int) -> Iterator[None]:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 _KEEP_BELOW = 32 << 20  # the largest threshold glibc accepts on 64-bit machines
 _TRIM_ABOVE = 1 << 30
-_kept = False
+_kept: bool | None = None  # None: not tried yet in this process
 
 
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep memory that training frees for its next step (once per process; Linux with glibc
     only): a process that trained keeps up to its peak heap until it ends. Returns whether the setting holds."""
     global _kept
-    if _kept:
-        return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    import ctypes
+    if _kept is None:
+        _kept = False
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            import ctypes
 
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    _kept = bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE))
+            try:
+                mallopt = ctypes.CDLL(None).mallopt
+            except (OSError, AttributeError):
+                return False
+            mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+            _kept = bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE))
     return _kept
 
 
