@@ -20,7 +20,28 @@ def test_exact_parameter_counts(name, params):
 
 
 def test_registry_holds_the_five_tutorials_and_ours():
-    assert sorted(REGISTRY) == ["best-cnn", "fast-cnn", "strided-cnn"] + [f"tutorial-00{i}" for i in range(5)]
+    assert sorted(REGISTRY) == (["best-cnn", "fast-cnn", "strided-bn-cnn", "strided-cnn"]
+                                + [f"tutorial-00{i}" for i in range(5)])
+
+
+def test_strided_bn_cnn_has_no_full_size_feature_maps():
+    model = build_model("strided-bn-cnn", seed=0)
+    assert count_params(model) == 289_642
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    shapes = [row["output_shape"] for row in summary_dict(model)["layers"]]
+    assert shapes[0] == [None, 32, 14, 14]  # the stride-2 stem: nothing runs on 28x28 maps
+    assert max(shape[2] for shape in shapes if len(shape) == 4) == 14
+
+
+def test_quick_recipe_learns_on_small_data(mnist):
+    from deepdigits.classifier import Classifier
+    from deepdigits.recipes import RECIPES
+
+    recipe = RECIPES["quick"]
+    assert (recipe.architecture, recipe.epochs, recipe.augment) == ("strided-bn-cnn", 3, True)
+    clf = Classifier(recipe.architecture, seed=0)
+    clf.fit(mnist.x_train[:2000], mnist.y_train[:2000], verbose=0, **{**recipe.fit_options(), "epochs": 2})
+    assert clf.evaluate(mnist.x_test[:500], mnist.y_test[:500])["accuracy"] > 0.85  # chance is 0.1
 
 
 def test_strided_cnn_shapes_parameters_and_standardised_input():
