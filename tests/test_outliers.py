@@ -286,3 +286,34 @@ def test_an_exported_model_without_a_head_has_one_output_and_a_bad_open_set_is_o
     onnx.save(model, tmp_path / "bad.onnx")
     with pytest.raises(DeepDigitsError, match=r"^\S*bad\.onnx: metadata 'deepdigits.open_set': field 'head.scale"):
         OnnxClassifier(tmp_path / "bad.onnx")
+
+
+def test_fit_rejection_counts_a_kind_as_often_as_its_weight(mnist):
+    from deepdigits.outliers import fit_rejection, head_scores, network_outputs
+    from deepdigits.recognize import inspect_image
+
+    rng = np.random.default_rng(5)
+    seen = [mnist.x_train[i] for i in range(120)]
+    kinds = ["digit:mnist"] * 120
+    measures: list = [None] * 120
+    for kind, reason in (("scribble", SCRIBBLE), ("letter", LETTER)):
+        for _ in range(60):
+            array = inspect_image(render_nondigit(kind, rng))
+            seen.append(np.asarray(array))
+            kinds.append(reason)
+            measures.append(array.measures)
+    seen_array = np.stack(seen)
+    model = builtin_model()
+    plain = fit_rejection(model, seen_array, kinds, measures, seed=0)
+    same = fit_rejection(model, seen_array, kinds, measures, seed=0, kind_weights={SCRIBBLE: 1.0})
+    weighted = fit_rejection(model, seen_array, kinds, measures, seed=0, kind_weights={SCRIBBLE: 5.0})
+    assert "kind_weights" not in plain["fit"] and weighted["fit"]["kind_weights"] == {SCRIBBLE: 5.0}
+    np.testing.assert_allclose(same["head"]["weights"], plain["head"]["weights"], atol=1e-6)
+    _, features, logits = network_outputs(model, seen_array)
+    kinds_array = np.array(kinds)
+
+    def margin(open_set: dict) -> float:  # how far above the digits the scribbles score
+        scores = head_scores(OpenSet.from_dict(open_set), seen_array, features, logits)
+        return float(scores[kinds_array == SCRIBBLE].mean() - scores[kinds_array == "digit:mnist"].mean())
+
+    assert margin(weighted) > margin(plain)

@@ -489,7 +489,8 @@ def _rounded(values: np.ndarray) -> list:
 
 
 def fit_rejection(predictor: Any, seen: np.ndarray, kinds: list[str], measures: list[InkMeasures | None], *,
-                  budgets: dict[str, float] | None = None, regularisation: float = 0.1, seed: int = 0) -> dict:
+                  budgets: dict[str, float] | None = None, regularisation: float = 0.1, seed: int = 0,
+                  kind_weights: dict[str, float] | None = None) -> dict:
     """Fit a bundle's ``open_set`` on 28x28 images the network saw, and measure it on a held-out half.
 
     ``kinds`` names each image: ``"digit:SOURCE"`` for a digit (say ``digit:mnist``, ``digit:photo``),
@@ -515,7 +516,9 @@ def fit_rejection(predictor: Any, seen: np.ndarray, kinds: list[str], measures: 
     held_out = ~fit_half
     mean, scale = x[fit_half].mean(axis=0), x[fit_half].std(axis=0) + 1e-6
     model = LogisticRegression(C=regularisation, max_iter=5000, class_weight="balanced")
-    model.fit((x[fit_half] - mean) / scale, (~is_digit[fit_half]).astype(int))
+    # kind_weights: each kind's images count this many times in the fit (on top of balancing the two classes)
+    weights = np.array([(kind_weights or {}).get(str(k), 1.0) for k in kinds_array[fit_half]])
+    model.fit((x[fit_half] - mean) / scale, (~is_digit[fit_half]).astype(int), sample_weight=weights)
     head = {"inputs": f"seen-measures+logit-features+{POOLED}+last-linear-input", "mean": _rounded(mean),
             "scale": _rounded(scale), "weights": _rounded(model.coef_[0]), "bias": float(model.intercept_[0])}
     scores = _linear(x, head)
@@ -548,5 +551,6 @@ def fit_rejection(predictor: Any, seen: np.ndarray, kinds: list[str], measures: 
         measured[kind] = entry
     open_set.fit = {"images": len(x), "fit_on": int(fit_half.sum()), "held_out": int(held_out.sum()),
                     "budgets": budgets, "thresholds": thresholds, "regularisation": regularisation, "seed": seed,
+                    **({"kind_weights": kind_weights} if kind_weights else {}),
                     "held_out_rates": measured}
     return open_set.to_dict()
