@@ -17,7 +17,16 @@ from deepdigits.errors import DeepDigitsError
 from deepdigits.predictor import builtin_model
 from deepdigits.preprocess import ImageError
 from deepdigits.recognize import SURE, _label_box, draw_boxes, read_digits, read_number
-from deepdigits.segment import MAX_DIGITS, Deadline, _merge_broken, find_digits, segment_digits
+from deepdigits.segment import (
+    MAX_DIGITS,
+    PER_TILE,
+    TILE,
+    Deadline,
+    _merge_broken,
+    _SeamMap,
+    find_digits,
+    segment_digits,
+)
 from deepdigits.synthetic import render_number, render_number_with_ink
 
 
@@ -70,6 +79,29 @@ def test_touching_digits_are_read_apart(mnist, seed):
     truth, image = _number(mnist, seed, touching=1.0)  # every digit pushed against the one before
     assert read_number(image).number == truth
     assert len(find_digits(image).boxes) >= 2  # without a model: cut where the width says
+
+
+@pytest.mark.parametrize("seed", [15, 20, 32])  # a digit short or misread before seams were sought all along
+def test_long_runs_of_touching_digits_are_read_apart(mnist, seed):
+    truth, image = _number(mnist, seed, count=5, touching=1.0)
+    assert read_number(image).number == truth
+
+
+def test_candidate_seams_lie_all_along_a_component():
+    # a bar through the middle joins everything; three upright strokes are where no seam should go
+    height, width = 40, 200
+    ink = np.zeros((height, width))
+    ink[18:23] = 1.0
+    for x in (50, 100, 150):
+        ink[:, x - 2 : x + 3] = 1.0
+    seams = _SeamMap(ink, float(height))
+    ends = seams.candidates(float(height))
+    tile = int(TILE * height)
+    assert all(min(abs(e - x) for x in (50, 100, 150)) > 2 for e in ends)  # never through a stroke
+    assert min(np.diff(ends)) > 2 and max(np.diff(ends)) <= 2 * tile  # spread out, and everywhere
+    assert ends[0] <= seams.edge + tile and ends[-1] >= width - seams.edge - tile
+    counts = np.bincount((np.asarray(ends) - seams.edge) // tile)
+    assert counts.max() == PER_TILE
 
 
 @pytest.mark.parametrize(("seed", "slant"), [(0, 10.0), (3, 10.0), (8, -10.0), (3, -10.0)])
