@@ -44,6 +44,18 @@ def test_quick_recipe_learns_on_small_data(mnist):
     assert clf.evaluate(mnist.x_test[:500], mnist.y_test[:500])["accuracy"] > 0.85  # chance is 0.1
 
 
+def test_medium_recipe_is_quick_trained_twice_as_long():
+    import dataclasses
+
+    from deepdigits.recipes import RECIPES
+
+    quick, medium = RECIPES["quick"], RECIPES["medium"]
+    assert medium.epochs == 2 * quick.epochs == 6
+    same = {"name", "epochs", "description"}
+    assert {f.name: getattr(medium, f.name) for f in dataclasses.fields(medium) if f.name not in same} == \
+        {f.name: getattr(quick, f.name) for f in dataclasses.fields(quick) if f.name not in same}
+
+
 def test_strided_cnn_shapes_parameters_and_standardised_input():
     model = build_model("strided-cnn", seed=0)
     assert count_params(model) == 82_290
