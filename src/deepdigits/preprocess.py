@@ -262,7 +262,13 @@ def _reduce(grey: np.ndarray) -> np.ndarray:
 
 def _otsu(values: np.ndarray) -> float:
     """Otsu's threshold of values in [0, 1] (the split that best separates ink from background)."""
-    histogram, edges = np.histogram(values, bins=256, range=(0.0, 1.0))
+    # np.histogram's counts (256 bins over [0, 1], the last closed; values outside left out) by bincount: k/256 is
+    # exact in binary, so floor(256 v) is the bin. 0.19 against 0.49 ms on 280x280 float32 values; predict_digit
+    # of serve_load's drawn 7, median of 100, 6 alternated rounds: 12.9 against 13.5 ms (1.04x, 1.02-1.08x)
+    flat = np.ravel(values)
+    inside = flat[(flat >= 0.0) & (flat <= 1.0)]
+    histogram = np.bincount(np.minimum((inside * 256).astype(np.intp), 255), minlength=256)
+    edges = np.linspace(0.0, 1.0, 257)
     centres = (edges[:-1] + edges[1:]) / 2
     weight = np.cumsum(histogram)
     total = weight[-1]
