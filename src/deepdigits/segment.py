@@ -432,17 +432,7 @@ def _read_apart_anywhere(blob: _Blob, ink: np.ndarray, digit_height: float, clas
     path[0], path[width] = np.zeros(height, np.int64), np.full(height, width, np.int64)
     widest = MAX_WIDTH * digit_height
     cells = [(a, b) for i, a in enumerate(points) for b in points[i + 1 :] if b - a <= widest or (a, b) == (0, width)]
-    grid = np.arange(width)
-    masks, crops, kept = {}, [], []
-    for a, b in cells:
-        deadline.check()
-        own = blob.own & (grid >= path[a][:, None]) & (grid < path[b][:, None])
-        piece = _crop(ink, x0, y0, own)
-        if piece is not None:
-            masks[(a, b)] = own
-            kept.append((a, b))
-            crops.append(normalise_digit(piece[1]))
-    cells = kept
+    cells, masks, crops = _cut_cells(blob, ink, path, cells, deadline)
     if not crops:
         return [(x0, blob.own)]
     probabilities, odd = _read(classify, np.stack(crops))
@@ -507,6 +497,24 @@ def _piece_measures(cells: list[tuple[int, int]], masks: dict[tuple[int, int], n
 ANYWHERE_WEIGHTS = np.array([12.11, -1.4, -0.28, -2.8, -0.92, 0.07, -1.95, 1.47, -4.09])
 
 
+def _cut_cells(blob: _Blob, ink: np.ndarray, path: dict[int, np.ndarray], cells: list[tuple[int, int]],
+               deadline: Deadline) -> tuple[list[tuple[int, int]], dict[tuple[int, int], np.ndarray], list[np.ndarray]]:
+    """The ink of ``blob`` between the seams ``path[a]`` and ``path[b]`` of each cell ``(a, b)``: the cells that
+    hold ink, their masks, and their crops as MNIST-style digits."""
+    x0, y0 = blob.box[0], blob.box[1]
+    grid = np.arange(blob.own.shape[1])
+    masks, crops, kept = {}, [], []
+    for a, b in cells:
+        deadline.check()
+        own = blob.own & (grid >= path[a][:, None]) & (grid < path[b][:, None])
+        piece = _crop(ink, x0, y0, own)
+        if piece is not None:
+            masks[(a, b)] = own
+            kept.append((a, b))
+            crops.append(normalise_digit(piece[1]))
+    return kept, masks, crops
+
+
 def _read_apart(blob: _Blob, ink: np.ndarray, digit_height: float, classify: Classify, deadline: Deadline,
                 ) -> list[tuple[int, np.ndarray]]:
     """Cut a component into the digits the model reads best: ``parts - 1`` to ``parts + 1`` of them.
@@ -529,17 +537,7 @@ def _read_apart(blob: _Blob, ink: np.ndarray, digit_height: float, classify: Cla
     path[0], path[width] = np.zeros(height, np.int64), np.full(height, width, np.int64)
     cells = sorted({(a, b) for boundaries in plans.values() for left, right in itertools.pairwise(boundaries)
                     for a in left for b in right if a < b})
-    grid = np.arange(width)
-    masks, crops, kept = {}, [], []
-    for a, b in cells:
-        deadline.check()
-        own = blob.own & (grid >= path[a][:, None]) & (grid < path[b][:, None])
-        piece = _crop(ink, x0, y0, own)
-        if piece is not None:
-            masks[(a, b)] = own
-            kept.append((a, b))
-            crops.append(normalise_digit(piece[1]))
-    cells = kept
+    cells, masks, crops = _cut_cells(blob, ink, path, cells, deadline)
     index = {cell: k for k, cell in enumerate(cells)}
     if not crops:
         return [(x0, blob.own)]
