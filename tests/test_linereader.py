@@ -13,6 +13,7 @@ from deepdigits.linereader import (
     DOCUMENT_FILE,
     FORMAT,
     FORMAT_VERSION,
+    MARK,
     MAX_LINE_WIDTH,
     WEIGHTS_FILE,
     LineNet,
@@ -48,6 +49,36 @@ def test_greedy_decode_collapses_repeats_and_drops_blanks():
     log_probs[np.arange(len(labels)), labels] = np.log(0.9)
     digits, spans = greedy_decode(log_probs)
     assert digits == [2, 2, 4] and spans == [(1, 3), (4, 5), (5, 7)]
+
+
+def test_a_reader_trained_on_marks_reads_and_scores_a_question_mark(tmp_path):
+    torch.manual_seed(0)
+    folder = save_reader(LineNet((8, 8, 8), 16, marks=True).eval(), _document(marks=True), tmp_path / "marks")
+    reader = LineReader.load(folder)
+    line = np.zeros((32, 40), np.uint8)
+    assert reader.log_probs(line).shape == (10, 12)
+    labels = [0, 3, 0, MARK, MARK, 0, 5, 0, 0, 0]  # "2", a mark, "4"
+    told = np.log(np.full((len(labels), 12), 0.01))
+    told[np.arange(len(labels)), labels] = np.log(0.89)
+    told = torch.from_numpy(told).float()
+    reader.log_probs = lambda line: told  # type: ignore[method-assign]
+    reading = reader.read(np.ones((20, 60), np.float32))
+    assert reading.number == "2?4" and reading.probabilities.shape == (3, 10)
+    assert np.allclose(reading.probabilities.sum(axis=1), 1.0)
+    assert np.isfinite(reading.log_likelihood("2?4")) and reading.log_likelihood("2?4") > reading.log_likelihood("214")
+    assert LineReader.score(told[:, :11], "2?4") == -np.inf  # a reader without marks: impossible
+    assert np.isfinite(LineReader.score(told, "2?4")) and LineReader.score(told, "2x4") == -np.inf
+
+
+def test_a_reader_whose_tensors_do_not_match_its_marks_is_refused(tmp_path):
+    folder = save_reader(LineNet((8, 8, 8), 16).eval(), _document(), tmp_path / "plain")
+    document = json.loads((folder / DOCUMENT_FILE).read_text())
+    (folder / DOCUMENT_FILE).write_text(json.dumps({**document, "marks": True}))
+    with pytest.raises(BundleError, match="tensors do not fit the network"):
+        LineReader.load(folder)
+    (folder / DOCUMENT_FILE).write_text(json.dumps({**document, "marks": "yes"}))
+    with pytest.raises(BundleError, match="field 'marks'"):
+        LineReader.load(folder)
 
 
 def _document(**changes) -> dict:

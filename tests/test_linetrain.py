@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from deepdigits.linereader import LINE_HEIGHT, LineReader
+from deepdigits.linereader import LINE_HEIGHT, MARK, LineReader
 from deepdigits.linetrain import MAX_DIGITS, fit_combination, main, train_line_reader, write_lines
 
 
@@ -22,6 +22,18 @@ def test_lines_hold_one_to_eight_digits_each_with_its_labels(mnist):
     assert targets.tolist() == (lines.labels[0, :1] + 1).tolist() + (lines.labels[7] + 1).tolist()
     assert target_lengths.tolist() == [1, 8] and float(images.min()) >= 0 and float(images.max()) <= 1
     assert steps.tolist() == np.ceil(lines.widths[[0, 7]] / 4).astype(int).tolist()
+
+
+def test_a_share_of_lines_hold_a_mark_read_as_a_question_mark(mnist):
+    lines = write_lines(mnist.x_train[:40], mnist.y_train[:40], 400, np.random.default_rng(0), marks=0.25)
+    marked = [k for k in range(len(lines)) if "?" in lines.number(k)]
+    assert 70 <= len(marked) <= 130  # one line in four, at random
+    assert all(lines.number(k).count("?") == 1 for k in marked)
+    assert all((lines.labels[k] == MARK - 1).sum() == 1 for k in marked)
+    _, targets, _, _ = lines.batch(np.array(marked[:2]))
+    assert (targets == MARK).sum() == 2  # the mark's CTC class
+    unmarked = write_lines(mnist.x_train[:40], mnist.y_train[:40], 40, np.random.default_rng(0))
+    assert not any("?" in unmarked.number(k) for k in range(len(unmarked)))
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +53,8 @@ def test_training_learns_in_seconds_and_saves_a_reader_that_loads(trained):
     assert reader.temperature == document["temperature"]
     assert document["held_out"]["nll_after"] <= document["held_out"]["nll_before"]
     assert document["training"]["digits"] == "MNIST training images 0-57999"
+    assert document["marks"] is True and reader.document["marks"] is True and document["training"]["marks"] == 0.15
+    assert reader.net.out.out_channels == 12  # blank, ten digits, a mark
 
 
 def test_the_combination_is_fit_on_held_out_numbers_and_saved(trained, data_root):
@@ -55,6 +69,7 @@ def test_the_combination_is_fit_on_held_out_numbers_and_saved(trained, data_root
 
 def test_the_command_line_answers_bad_input_in_one_line(tmp_path, capsys):
     for argv, expected in ((["--out", str(tmp_path / "r"), "--epochs", "0"], "--epochs: expected at least 1, got 0"),
+                           (["--out", str(tmp_path / "r"), "--marks", "1.5"], "--marks: expected a share from 0"),
                            (["--out", str(tmp_path / "r"), "--fit-only"], "r/reader.json: missing"),
                            (["--out", str(tmp_path / "r"), "--data-dir", str(tmp_path)], "no complete mnist files")):
         with pytest.raises(SystemExit) as stop:

@@ -84,9 +84,9 @@ class _Line:
     """A line reader that reads what it is told: ``combine``'s rules checked without a network."""
 
     def __init__(self, number: str, probabilities: list[list[float]], log_probability: float,
-                 others: float, combine: dict) -> None:
+                 others: float, combine: dict, marks: bool = False) -> None:
         self.number, self.probabilities, self.log_probability = number, np.array(probabilities), log_probability
-        self.others, self.document = others, {"combine": combine}
+        self.others, self.document = others, {"combine": combine, "marks": marks}
 
     def read(self, ink, box=None):
         columns = [(10 * k, 10 * k + 8) for k in range(len(self.number))]
@@ -149,6 +149,34 @@ def test_another_count_is_taken_only_past_the_fitted_margin():
     line.document = {}  # no fitted combination: never another count
     line.others = -40.0
     assert combine(mine, found, line).number == "2"
+
+
+def test_a_reader_trained_on_marks_decides_refused_pieces_with_the_segmenter():
+    even = {"segmenter": 1.0, "line": 1.0, "margin": 2.0}
+    # refused by the digit model, read by the reader as the digit the model would have named: a digit
+    found, mine = _found_and_reading([(1, 0.6), (7, 0.99)], rejected=0)
+    line = _Line("17", [_one_hot(1, 0.99), _one_hot(7, 0.99)], -0.1, -50.0, even, marks=True)
+    combined = combine(mine, found, line)
+    assert combined.number == "17" and combined.digits[0].digit == 1 and not combined.digits[0].not_a_digit
+    line.number = "47"  # another digit than the model's: stays refused
+    assert combine(mine, found, line).number == "?7"
+    line.number = "?7"  # the reader sees a mark too
+    assert combine(mine, found, line).number == "?7"
+    # a mark where the model named a digit: "?" only where the model was unsure
+    found, mine = _found_and_reading([(1, 0.4), (7, 0.99)])
+    line.number = "?7"
+    combined = combine(mine, found, line)
+    assert combined.number == "?7" and combined.digits[0].reason == "a letter or symbol" and combined.unsure
+    line.number = "1?"
+    assert combine(mine, found, line).number == "17"
+    # another count: the reader's reading with its mark, past the margin, even where the refused piece stands apart
+    found, mine = _found_and_reading([(2, 0.9)], rejected=0, apart=True)
+    line = _Line("2?", [_one_hot(2, 0.95), _one_hot(0, 0.5)], -0.3, -4.0, even, marks=True)
+    combined = combine(mine, found, line)
+    assert combined.number == "2?" and combined.digits[1].not_a_digit and combined.digits[0].digit == 2
+    line.number = "??"  # no digit at all: not a number
+    combined = combine(mine, found, line)
+    assert combined.number == "" and combined.not_a_digit and combined.reason == "a letter or symbol"
 
 
 @pytest.mark.parametrize(("seed", "alone"), [(0, "54710"), (1, "631181"), (8, "11765"), (10, "34763")])

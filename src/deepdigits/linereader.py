@@ -36,12 +36,15 @@ INK_HEIGHT = 28
 MAX_LINE_WIDTH = 512  # pixels at LINE_HEIGHT: 8 digits are about 200; longer lines are squeezed to this
 STRIDE = 4  # input columns per output step
 BLANK = 0  # CTC's "no digit here" class; digit d is class d + 1
+MARK = 11  # in a reader trained with marks: a letter, symbol or scribble written among the digits, read "?"
 
 
 class LineNet(nn.Module):
-    """(n, 1, 32, W) ink in [0, 1] -> (n, 11, W/4) logits: blank and the ten digits at every fourth column."""
+    """(n, 1, 32, W) ink in [0, 1] -> (n, classes, W/4) logits at every fourth column: blank, the ten digits and,
+    with ``marks``, a mark that is not a digit."""
 
-    def __init__(self, channels: tuple[int, int, int] = (32, 64, 128), context: int = 192) -> None:
+    def __init__(self, channels: tuple[int, int, int] = (32, 64, 128), context: int = 192,
+                 marks: bool = False) -> None:
         super().__init__()
 
         def conv(i: int, o: int, stride: int | tuple[int, int] = 1) -> list[nn.Module]:
@@ -55,7 +58,7 @@ class LineNet(nn.Module):
         self.context = nn.Sequential(
             nn.Conv1d(2 * c, context, 3, padding=1, bias=False), nn.BatchNorm1d(context), nn.ReLU(inplace=True),
             nn.Conv1d(context, context, 5, padding=2, bias=False), nn.BatchNorm1d(context), nn.ReLU(inplace=True))
-        self.out = nn.Conv1d(context, 11, 1)
+        self.out = nn.Conv1d(context, 12 if marks else 11, 1)
 
     def forward(self, lines: torch.Tensor) -> torch.Tensor:
         features = self.features(lines)
@@ -87,7 +90,7 @@ def line_image(ink: np.ndarray, box: tuple[int, int, int, int] | None = None) ->
 
 
 def greedy_decode(log_probs: np.ndarray) -> tuple[list[int], list[tuple[int, int]]]:
-    """CTC's best path: the digits, and the output steps ``[start, stop)`` each was read over."""
+    """CTC's best path: the digits (10 for a mark), and the output steps ``[start, stop)`` each was read over."""
     best = log_probs.argmax(axis=1)
     digits: list[int] = []
     spans: list[tuple[int, int]] = []
@@ -106,11 +109,11 @@ def greedy_decode(log_probs: np.ndarray) -> tuple[list[int], list[tuple[int, int
 class LineReading:
     """What the line reader read: the digits, each digit's probabilities, and where on the line it was."""
 
-    number: str
+    number: str  # digits, and "?" for a mark that is not one (readers trained with marks)
     probabilities: np.ndarray  # (digits, 10): each digit's distribution over 0-9, calibrated
     columns: list[tuple[int, int]]  # each digit's columns [start, stop) in the ink map given to ``read``
     log_probability: float  # log P(number | line) summed over CTC's alignments, calibrated
-    log_probs: torch.Tensor | None = None  # (steps, 11) what it was read from: other numbers scored without rerunning
+    log_probs: torch.Tensor | None = None  # (steps, classes) read from: scores other numbers without rerunning
 
     def log_likelihood(self, number: str) -> float:
         """log P(``number`` | the line read), as ``log_probability`` is for the number read."""
@@ -136,6 +139,7 @@ class _Document(BaseModel):
     channels: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(min_length=3, max_length=3)]
     context: Annotated[int, Field(ge=1, le=4096)]
     temperature: Annotated[float, Field(gt=0.05, lt=20.0)]
+    marks: bool = False  # trained to read letters, symbols and scribbles among the digits as "?"
     combine: _Combine | None = None  # how recognize.combine weighs the two readers (fit on held-out numbers)
 
 
@@ -163,7 +167,7 @@ class LineReader:
             raise BundleError(f"{path}: field {where!r}: {error['msg'][:160]}") from None
         name = checked["weights"].get("file", WEIGHTS_FILE)
         state = load_weights(folder, name, checked["weights"].get("sha256"))
-        net = LineNet(tuple(checked["channels"]), checked["context"])  # type: ignore[arg-type]
+        net = LineNet(tuple(checked["channels"]), checked["context"], checked["marks"])  # type: ignore[arg-type]
         try:
             net.load_state_dict({k: v.float() for k, v in state.items()})
         except RuntimeError:
@@ -171,7 +175,7 @@ class LineReader:
         return cls(net, checked)
 
     def log_probs(self, line: np.ndarray) -> torch.Tensor:
-        """Calibrated log-probabilities (steps, 11) of one :func:`line_image`."""
+        """Calibrated log-probabilities (steps, classes) of one :func:`line_image`."""
         x = torch.from_numpy(line.astype(np.float32) / 255.0)[None, None]
         with torch.no_grad():
             logits = self.net(x)[0].T
@@ -184,12 +188,12 @@ class LineReader:
         digits, spans = greedy_decode(log_probs.numpy())
         probabilities = np.zeros((len(digits), 10), np.float64)
         for k, (start, stop) in enumerate(spans):
-            # the step the digit was surest at; its distribution over the ten digits, blank left out
+            # the step the digit was surest at; its distribution over the ten digits, blank and mark left out
             frame = log_probs[start:stop]
             step = start + int(frame[:, 1:].max(dim=1).values.argmax())
-            digit_logs = log_probs[step, 1:].double()
+            digit_logs = log_probs[step, 1:11].double()
             probabilities[k] = torch.softmax(digit_logs, dim=0).numpy()
-        number = "".join(str(d) for d in digits)
+        number = "".join("?" if d == MARK - 1 else str(d) for d in digits)
         return LineReading(number, probabilities, self._columns(ink, box, line, spans),
                            self.score(log_probs, number), log_probs)
 
@@ -199,12 +203,14 @@ class LineReader:
 
     @staticmethod
     def score(log_probs: torch.Tensor, number: str) -> float:
-        """log P(``number``) under CTC for a line's log-probabilities (steps, 11); -inf for anything but digits."""
+        """log P(``number``) under CTC for a line's log-probabilities (steps, classes); "?" is a mark, impossible
+        (-inf) for a reader trained without them, as is anything but digits."""
         if not number:
             return float(log_probs[:, BLANK].sum())
-        if not all(c in "0123456789" for c in number):  # "?" (a refused piece) or anything else: impossible
+        known = "0123456789?" if log_probs.shape[1] > MARK else "0123456789"
+        if not all(c in known for c in number):
             return -math.inf
-        targets = torch.tensor([int(c) + 1 for c in number], dtype=torch.long)
+        targets = torch.tensor([MARK if c == "?" else int(c) + 1 for c in number], dtype=torch.long)
         loss = F.ctc_loss(log_probs.double()[:, None], targets[None], torch.tensor([len(log_probs)]),
                           torch.tensor([len(targets)]), blank=BLANK, reduction="sum", zero_infinity=False)
         return -float(loss)

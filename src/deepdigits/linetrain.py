@@ -32,6 +32,7 @@ from .linereader import (
     FORMAT,
     FORMAT_VERSION,
     LINE_HEIGHT,
+    MARK,
     STRIDE,
     WEIGHTS_FILE,
     LineNet,
@@ -51,7 +52,11 @@ class Lines:
     pixels: np.ndarray  # (LINE_HEIGHT, total width)
     starts: np.ndarray  # (n,) first column of each line
     widths: np.ndarray  # (n,)
-    labels: np.ndarray  # (n, MAX_DIGITS) digits, -1 past each line's end
+    labels: np.ndarray  # (n, MAX_DIGITS) digits (MARK - 1 for a mark), -1 past each line's end
+
+    def number(self, k: int) -> str:
+        """Line ``k``'s truth as :class:`LineReading` writes it: digits, "?" for a mark."""
+        return "".join("?" if d == MARK - 1 else str(d) for d in self.labels[k][self.labels[k] >= 0])
 
     def __len__(self) -> int:
         return len(self.widths)
@@ -69,13 +74,22 @@ class Lines:
         return torch.from_numpy(images / 255.0), targets, steps, lengths
 
 
-def write_lines(x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Generator) -> Lines:
-    """``count`` lines of 1-8 digits drawn from ``x``/``y`` (as many of each length), as the reader sees them."""
+def write_lines(x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Generator, marks: float = 0.0) -> Lines:
+    """``count`` lines of 1-8 digits drawn from ``x``/``y`` (as many of each length), as the reader sees them;
+    in a ``marks`` share of them one of the digits is a letter, symbol, scribble or smiley instead."""
+    from .nondigits import MARK_KINDS, mnist_like
+
     images, labels = [], np.full((count, MAX_DIGITS), -1, np.int8)
     for k in range(count):
         chosen = rng.choice(len(x), k % MAX_DIGITS + 1, replace=False)
-        images.append(line_image(number_line_ink([x[i] for i in chosen], rng)))
-        labels[k, : len(chosen)] = y[chosen]
+        written, truth = [x[i] for i in chosen], y[chosen]
+        if marks and rng.random() < marks:
+            where = int(rng.integers(len(written)))
+            written[where] = mnist_like(MARK_KINDS[int(rng.integers(len(MARK_KINDS)))], rng)
+            truth = truth.copy()
+            truth[where] = MARK - 1
+        images.append(line_image(number_line_ink(written, rng)))
+        labels[k, : len(chosen)] = truth
     widths = np.array([image.shape[1] for image in images], np.int64)
     starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
     return Lines(np.concatenate(images, axis=1), starts, widths, labels)
@@ -109,8 +123,7 @@ def _nll(logits: list[torch.Tensor], lines: Lines, temperature: float) -> float:
     """Mean CTC negative log-likelihood of the true numbers at ``temperature``."""
     total = 0.0
     for k, lo in enumerate(logits):
-        number = "".join(str(d) for d in lines.labels[k][lines.labels[k] >= 0])
-        total -= LineReader.score(F.log_softmax(lo.double() / temperature, dim=1), number)
+        total -= LineReader.score(F.log_softmax(lo.double() / temperature, dim=1), lines.number(k))
     return total / len(logits)
 
 
@@ -124,8 +137,11 @@ def _exact(logits: list[torch.Tensor], lines: Lines) -> int:
 
 def train_line_reader(out: str | os.PathLike, samples: int = 200_000, epochs: int = 6, seed: int = 0,
                       data_dir: str | None = None, batch_size: int = 64, learning_rate: float = 2e-3,
-                      held_out: int = 4000, log=print) -> dict:
-    """Write lines, train a :class:`LineNet` with CTC, fit its temperature on held-out lines, save to ``out``."""
+                      held_out: int = 4000, marks: float = 0.15, log=print) -> dict:
+    """Write lines, train a :class:`LineNet` with CTC, fit its temperature on held-out lines, save to ``out``.
+
+    With ``marks`` (a share of the lines), the reader also learns to read a letter, symbol or scribble written
+    among the digits as "?" (``linereader.MARK``)."""
     from .data import load_dataset
     from .device import native_bf16
 
@@ -134,11 +150,11 @@ def train_line_reader(out: str | os.PathLike, samples: int = 200_000, epochs: in
     mnist = load_dataset("mnist", data_dir=data_dir)
     cut = len(mnist.x_train) - HOLDOUT
     started = time.perf_counter()
-    train = write_lines(mnist.x_train[:cut], mnist.y_train[:cut], samples, rng)
-    check = write_lines(mnist.x_train[cut:], mnist.y_train[cut:], held_out, rng)
+    train = write_lines(mnist.x_train[:cut], mnist.y_train[:cut], samples, rng, marks)
+    check = write_lines(mnist.x_train[cut:], mnist.y_train[cut:], held_out, rng, marks)
     log(f"wrote {samples:,} training lines and {held_out:,} held-out ones in {time.perf_counter() - started:.0f} s")
 
-    net = LineNet()
+    net = LineNet(marks=marks > 0)
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
     steps = epochs * (len(train) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps,
@@ -171,8 +187,8 @@ def train_line_reader(out: str | os.PathLike, samples: int = 200_000, epochs: in
     document = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "weights": {"file": WEIGHTS_FILE, "sha256": ""},
-        "channels": [32, 64, 128], "context": 192, "temperature": temperature,
-        "training": {"samples": samples, "epochs": epochs, "seed": seed, "batch_size": batch_size,
+        "channels": [32, 64, 128], "context": 192, "temperature": temperature, "marks": marks > 0,
+        "training": {"samples": samples, "marks": marks, "epochs": epochs, "seed": seed, "batch_size": batch_size,
                      "learning_rate": learning_rate, "seconds": round(seconds, 1),
                      "digits": f"MNIST training images 0-{cut - 1}", "bf16": bf16},
         "held_out": {"lines": held_out, "digits": f"MNIST training images {cut}-{len(mnist.x_train) - 1}",
@@ -211,12 +227,14 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
     training digits: the pooling weights by the negative log-likelihood of the true digit where the two read
     the same count differently, the margin by the most numbers read exactly where they count differently.
     ``predictor`` is the digit model (the built-in by default); one that never trained on the held-out digits
-    sees them as it sees a user's.
+    sees them as it sees a user's. For a reader trained on marks, a fifth of the numbers hold a letter, symbol
+    or scribble (``nondigits.mnist_like``), to be read "?".
     """
     from scipy.optimize import minimize
 
     from .atomic import atomic_write_text
     from .data import load_dataset
+    from .nondigits import MARK_KINDS, mnist_like
     from .predictor import builtin_model
     from .recognize import _ink_box, keeps_its_count, read_digits
     from .segment import find_digits
@@ -227,14 +245,18 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
     model = predictor or builtin_model()
     mnist = load_dataset("mnist", data_dir=data_dir)
     x, y = mnist.x_train[-HOLDOUT:], mnist.y_train[-HOLDOUT:]
+    marks = bool(reader.document.get("marks"))
     pooled, counted = [], []  # (truth digit, p_seg, p_line) per digit; (truth, seg, line, log-lik. margin)
     for way in CONDITIONS:
         rng = np.random.default_rng([seed, CONDITIONS.index(way)])
         for k in range(numbers):
             chosen = rng.choice(len(x), k % 7 + 2, replace=False)
-            truth = "".join(str(y[i]) for i in chosen)
-            found = find_digits(render_number([x[i] for i in chosen], rng, **condition_options(way, rng)),
-                                predictor=model)
+            written, truth = [x[i] for i in chosen], "".join(str(y[i]) for i in chosen)
+            if marks and k % 5 == 4:
+                where = int(rng.integers(len(written)))
+                written[where] = mnist_like(MARK_KINDS[k // 5 % len(MARK_KINDS)], rng)
+                truth = truth[:where] + "?" + truth[where + 1 :]
+            found = find_digits(render_number(written, rng, **condition_options(way, rng)), predictor=model)
             mine = read_digits(found, model, line_reader=False)
             if not mine.digits or found.ink is None:
                 continue
@@ -243,9 +265,11 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
             if line.number == mine.number or not line.number:
                 continue
             if len(line.number) == len(mine.number) == len(truth):
-                pooled += [(int(t), d.probabilities, p) for t, d, p in zip(truth, mine.digits, line.probabilities,
-                                                                            strict=True) if not d.not_a_digit]
-            elif len(line.number) != len(mine.number) and not keeps_its_count(mine, found):  # as combine decides
+                pooled += [(int(t), d.probabilities, p) for t, d, p, named in zip(truth, mine.digits,
+                           line.probabilities, line.number, strict=True)
+                           if not d.not_a_digit and "?" not in (t, named)]
+            elif len(line.number) != len(mine.number) and (marks or not keeps_its_count(mine, found)):
+                # as combine decides
                 counted.append((truth, mine.number, line.number,
                                 line.log_probability - line.log_likelihood(mine.number)))
     truths = np.array([t for t, _, _ in pooled], np.int64)
@@ -281,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to write reader.json and reader.safetensors into")
     parser.add_argument("--samples", type=int, default=200_000)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--marks", type=float, default=0.15, help="share of lines with a letter, symbol or "
+                        "scribble among the digits, read as ? (0: digits only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir")
     parser.add_argument("--digit-model", help="the digit model bundle the combination is fit with (default: the "
@@ -292,11 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, least in (("samples", 64), ("epochs", 1), ("numbers", 1)):
         if getattr(args, name) < least:
             parser.error(f"--{name}: expected at least {least}, got {getattr(args, name)}")
+    if not 0.0 <= args.marks < 1.0:
+        parser.error(f"--marks: expected a share from 0 up to 1, got {args.marks}")
     from .errors import DeepDigitsError
 
     try:
         if not args.fit_only:
-            train_line_reader(args.out, args.samples, args.epochs, args.seed, args.data_dir)
+            train_line_reader(args.out, args.samples, args.epochs, args.seed, args.data_dir, marks=args.marks)
         predictor = None
         if args.digit_model:
             from .predictor import load

@@ -128,6 +128,22 @@ def _ink_shape(kind: str, rng: np.random.Generator, height: int) -> np.ndarray:
     return ndimage.gaussian_filter(mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1], 0.8)
 
 
+def mnist_like(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A letter, symbol, scribble or smiley as an MNIST image (28x28 uint8, ink in a 20-pixel box, centred): to
+    write among digits with :mod:`deepdigits.synthetic`, which takes MNIST images."""
+    ink = _ink_shape(kind, rng, 80)
+    scale = 20 / max(ink.shape)
+    size = (max(1, round(ink.shape[1] * scale)), max(1, round(ink.shape[0] * scale)))
+    small = np.asarray(Image.fromarray(np.uint8(np.clip(ink, 0, 1) * 255)).resize(size, Image.Resampling.BOX))
+    image = np.zeros((28, 28), np.uint8)
+    top, left = (28 - small.shape[0]) // 2, (28 - small.shape[1]) // 2
+    image[top : top + small.shape[0], left : left + small.shape[1]] = small
+    return image
+
+
+MARK_KINDS = ("letter", "symbol", "scribble", "smiley")  # what mnist_like draws; the line reader's "?"
+
+
 def _on_paper(ink: np.ndarray, rng: np.random.Generator, jpeg: bool, margin: tuple[float, float]) -> bytes:
     width = max(ink.shape[1] + 4, int(ink.shape[1] * rng.uniform(*margin)))
     height = max(ink.shape[0] + 4, int(ink.shape[0] * rng.uniform(*margin)))

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from .errors import DeepDigitsError
-from .outliers import InkMeasures, judge, measure_ink, network_outputs, open_set_of
+from .outliers import LETTER, InkMeasures, judge, measure_ink, network_outputs, open_set_of
 from .predictor import Predictor, builtin_model
 from .preprocess import ImageError, ink_map, load_image, normalise_digit
 from .segment import FoundDigits, find_digits
@@ -255,11 +255,9 @@ def read_digits(found: FoundDigits, predictor: Predictor | None = None,
     digits = predict_arrays(crops, model, 3, min_confidence, several=False) if crops else []
     for prediction, box in zip(digits, boxes, strict=True):
         prediction.box = box
-    if digits and all(d.not_a_digit for d in digits):
-        reasons = [d.reason for d in digits]
-        return NumberReading("", digits, found.size, reason=max(set(reasons), key=reasons.count))
-    reading = NumberReading("".join("?" if d.class_name is None else d.class_name for d in digits), digits,
-                            found.size)
+    reading = _reading(digits, found.size) if digits else NumberReading("", digits, found.size)
+    if reading.not_a_digit:
+        return reading
     if line_reader is True:
         from .linereader import builtin_reader
 
@@ -278,12 +276,16 @@ def combine(reading: NumberReading, found: FoundDigits, reader: LineReader,
     """The segmenter's reading and the line reader's, made one.
 
     Read alike: the segmenter's. The same count: each digit's probabilities pooled, ``p ∝ p_seg^a p_line^b``
-    (weights fit on held-out numbers by :mod:`deepdigits.linetrain`, so the pooled ones stay calibrated); a
-    piece the segmenter's model refused as not a digit stays refused.
-    Another count: the line reader's digits where it finds its own reading more likely than the segmenter's by
-    more than the fitted ``margin`` (in log-likelihood) and every piece the segmenter refused was cut out of
-    ink running on beyond it (digits that touch, cut wrong), else the segmenter's: a letter written apart
-    reads ``?``, where the line reader would name it as digits.
+    (weights fit on held-out numbers by :mod:`deepdigits.linetrain`, so the pooled ones stay calibrated).
+    A piece the segmenter's model refused as not a digit: with a reader trained on marks (letters, symbols and
+    scribbles written among digits, read "?"), the two decide together: refused where the reader reads "?"
+    too, pooled into a digit where the reader reads a digit and the segmenter's model would have named that
+    digit, "?" where the reader reads "?" at a piece the model took for a digit and the model was unsure
+    (below ``min_confidence``). A reader without marks never saw a letter: the piece stays refused.
+    Another count: the line reader's reading where it finds it more likely than the segmenter's by more than the
+    fitted ``margin`` (in log-likelihood), else the segmenter's; with a reader without marks, only where every
+    piece the segmenter refused was cut out of ink running on beyond it (digits that touch, cut wrong): a
+    letter written apart reads ``?``, where that reader would name it as digits.
     """
     assert found.ink is not None
     box = _ink_box(reading, found)
@@ -291,21 +293,28 @@ def combine(reading: NumberReading, found: FoundDigits, reader: LineReader,
     if line.number == reading.number or not line.number:
         return reading
     weights = reader.document.get("combine") or {}
+    marks = bool(reader.document.get("marks"))
+    a, b = float(weights.get("segmenter", 1.0)), float(weights.get("line", 1.0))
     digits = reading.digits
     if len(line.number) == len(digits):
-        a, b = float(weights.get("segmenter", 1.0)), float(weights.get("line", 1.0))
         pooled = []
-        for digit, theirs in zip(digits, line.probabilities, strict=True):
-            if digit.not_a_digit:  # the line reader never saw a letter or a scribble: the piece stays refused
-                pooled.append(digit)
-                continue
+        for digit, named, theirs in zip(digits, line.number, line.probabilities, strict=True):
             mine = np.clip(np.asarray(digit.probabilities, np.float64), 1e-12, 1.0)
+            if digit.not_a_digit and not (marks and named != "?" and int(np.argmax(mine)) == int(named)):
+                pooled.append(digit)  # the line reader never saw a letter, or sees one too, or names another digit
+                continue
+            if named == "?" and not digit.not_a_digit:
+                if digit.confidence < min_confidence:
+                    pooled.append(_prediction(mine, DIGIT_NAMES, 3, min_confidence, reason=LETTER, box=digit.box))
+                else:
+                    pooled.append(digit)
+                continue
             log_p = a * np.log(mine) + b * np.log(np.clip(theirs, 1e-12, 1.0))
             p = np.exp(log_p - log_p.max())
             pooled.append(_prediction(p / p.sum(), DIGIT_NAMES, 3, min_confidence, box=digit.box))
-        return NumberReading("".join(d.class_name or "?" for d in pooled), pooled, reading.size)
+        return _reading(pooled, reading.size)
     margin = float(weights.get("margin", math.inf))
-    if keeps_its_count(reading, found):
+    if not marks and keeps_its_count(reading, found):
         return reading  # a letter among digits must not vanish into digits the line reader names
     if not line.log_probability - line.log_likelihood(reading.number) > margin:
         return reading  # (also where the line reader finds its own reading impossible: NaN or -inf)
@@ -315,9 +324,17 @@ def combine(reading: NumberReading, found: FoundDigits, reader: LineReader,
     starts = [box[0], *ends[:-1]]
     ends[-1] = box[2]
     boxes = [_column_box(found, (a, b), box) for a, b in zip(starts, ends, strict=True)]
-    digits = [_prediction(p, DIGIT_NAMES, 3, min_confidence, box=b)
-              for p, b in zip(line.probabilities, boxes, strict=True)]
-    return NumberReading(line.number, digits, reading.size)
+    digits = [_prediction(p, DIGIT_NAMES, 3, min_confidence, reason=LETTER if named == "?" else None, box=b)
+              for p, named, b in zip(line.probabilities, line.number, boxes, strict=True)]
+    return _reading(digits, reading.size)
+
+
+def _reading(digits: list[DigitPrediction], size: tuple[int, int]) -> NumberReading:
+    """A number of these digits ("?" where not a digit); where none is a digit, not a number."""
+    if all(d.not_a_digit for d in digits):
+        reasons = [d.reason for d in digits]
+        return NumberReading("", digits, size, reason=max(set(reasons), key=reasons.count))
+    return NumberReading("".join(d.class_name or "?" for d in digits), digits, size)
 
 
 def keeps_its_count(reading: NumberReading, found: FoundDigits) -> bool:
