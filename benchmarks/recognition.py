@@ -13,8 +13,10 @@ Numbers are 2-8 such digits side by side (as many of each length), written under
 
 Exact-read rates are given for the numbers of 2-6 digits and for all of 2-8 digits, read as ``read_number``
 reads them (the segmenter and the line reader combined) and, from the same cut, by the segmenter alone.
+A second table writes one digit of each number as a letter, symbol, scribble or smiley instead
+(``nondigits.mnist_like``): how often the reading shows it ("?" or not a number) and reads the rest right.
 
-    python benchmarks/recognition.py --digits 500 --numbers 300 --threads 1
+    python benchmarks/recognition.py --digits 500 --numbers 300 --marks 100 --threads 1
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 from deepdigits import load, load_dataset
 from deepdigits.calibrate import expected_calibration_error
+from deepdigits.nondigits import MARK_KINDS, mnist_like
 from deepdigits.recognize import predict_digit, read_digits
 from deepdigits.segment import find_digits
 from deepdigits.synthetic import CONDITIONS, condition_options, render_digit, render_number
@@ -39,17 +42,38 @@ LENGTHS = range(2, 9)
 
 
 
-def number_cases(x: np.ndarray, y: np.ndarray, condition: str, count: int, seed: int,
+def number_cases(x: np.ndarray, y: np.ndarray, condition: str, count: int, seed: int, marks: bool = False,
                  ) -> list[tuple[str, bytes]]:
-    """``count`` photographed numbers (truth, JPEG bytes) of 2-8 MNIST test digits, as many of each length."""
-    rng = np.random.default_rng([seed, CONDITIONS.index(condition)])
+    """``count`` photographed numbers (truth, JPEG bytes) of 2-8 MNIST test digits, as many of each length;
+    with ``marks``, one digit of each is a letter, symbol, scribble or smiley instead ("?" in the truth)."""
+    rng = np.random.default_rng([seed + (1000 if marks else 0), CONDITIONS.index(condition)])
     cases = []
     for k in range(count):
         length = LENGTHS[k % len(LENGTHS)]
         chosen = rng.choice(len(x), length, replace=False)
-        truth = "".join(str(y[i]) for i in chosen)
-        cases.append((truth, render_number([x[i] for i in chosen], rng, **condition_options(condition, rng))))
+        written, truth = [x[i] for i in chosen], "".join(str(y[i]) for i in chosen)
+        if marks:
+            where = int(rng.integers(length))
+            written[where] = mnist_like(MARK_KINDS[k % len(MARK_KINDS)], rng)
+            truth = truth[:where] + "?" + truth[where + 1 :]
+        cases.append((truth, render_number(written, rng, **condition_options(condition, rng))))
     return cases
+
+
+def score_marks(cases: list[tuple[str, bytes]], model) -> dict:
+    """Numbers holding a mark: shown ("?" in the reading, or not a number at all), read exactly (the mark as
+    "?", every digit right), and the same for the segmenter alone from the same cut."""
+    shown = exact = alone_shown = alone_exact = 0
+    for truth, image in cases:
+        found = find_digits(image, predictor=model)
+        for reading, counts in ((read_digits(found, model), 0), (read_digits(found, model, line_reader=False), 1)):
+            flagged = "?" in reading.number or reading.not_a_digit
+            right = reading.number == truth
+            if counts:
+                alone_shown, alone_exact = alone_shown + flagged, alone_exact + right
+            else:
+                shown, exact = shown + flagged, exact + right
+    return {"n": len(cases), "shown": shown, "exact": exact, "alone_shown": alone_shown, "alone_exact": alone_exact}
 
 
 def machine_line() -> str:
@@ -108,6 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--digits", type=int, default=500, help="single-digit photos")
     parser.add_argument("--numbers", type=int, default=300, help="photos of 2-8 digit numbers per condition")
+    parser.add_argument("--marks", type=int, default=100, help="photos of numbers with a mark per condition")
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     parser.add_argument("--model", help="model bundle (default: the built-in model)")
     parser.add_argument("--seed", type=int, default=0)
@@ -148,7 +173,27 @@ def main() -> None:
         total["ms"] /= len(args.conditions)
         print(row("**all**", total))
     print()
+    if args.marks:
+        print("Numbers with a letter, symbol, scribble or smiley among the digits:")
+        print()
+        print("| condition | mark shown | read exactly | segmenter alone: shown / exactly |")
+        print("|---|---:|---:|---:|")
+        totals = dict.fromkeys(("n", "shown", "exact", "alone_shown", "alone_exact"), 0)
+        for condition in args.conditions:
+            result = score_marks(number_cases(ds.x_test, ds.y_test, condition, args.marks, args.seed, marks=True),
+                                 model)
+            totals = {key: totals[key] + result[key] for key in totals}
+            print(mark_row(condition, result))
+        if len(args.conditions) > 1:
+            print(mark_row("**all**", totals))
+        print()
     print(f"load average at the end: {load_average()}")
+
+
+def mark_row(name: str, r: dict) -> str:
+    n = r["n"]
+    return (f"| {name} | {r['shown']}/{n} {r['shown'] / n:.1%} | {r['exact']}/{n} {r['exact'] / n:.1%} "
+            f"| {r['alone_shown'] / n:.1%} / {r['alone_exact'] / n:.1%} |")
 
 
 def row(name: str, r: dict) -> str:
