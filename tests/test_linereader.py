@@ -64,6 +64,8 @@ def test_a_reader_trained_on_marks_reads_and_scores_a_question_mark(tmp_path):
     reader.log_probs = lambda line: told  # type: ignore[method-assign]
     reading = reader.read(np.ones((20, 60), np.float32))
     assert reading.number == "2?4" and reading.probabilities.shape == (3, 10)
+    assert reading.marks is not None and reading.marks[1] == pytest.approx(0.89, abs=1e-5)
+    assert reading.marks[0] == pytest.approx(0.01, abs=1e-5)
     assert np.allclose(reading.probabilities.sum(axis=1), 1.0)
     assert np.isfinite(reading.log_likelihood("2?4")) and reading.log_likelihood("2?4") > reading.log_likelihood("214")
     assert LineReader.score(told[:, :11], "2?4") == -np.inf  # a reader without marks: impossible

@@ -60,7 +60,7 @@ def test_training_learns_in_seconds_and_saves_a_reader_that_loads(trained):
 def test_the_combination_is_fit_on_held_out_numbers_and_saved(trained, data_root):
     folder, _, said = trained
     combine = fit_combination(folder, numbers=2, data_dir=str(data_root), log=said.append)
-    assert set(combine) == {"segmenter", "line", "margin", "fit"} and combine["fit"]["numbers"] == 10
+    assert set(combine) == {"segmenter", "line", "margin", "mark", "fit"} and combine["fit"]["numbers"] == 10
     assert 0 < combine["segmenter"] <= 10 and 0 < combine["line"] <= 10 and -100 <= combine["margin"] <= 100
     assert json.loads((folder / "reader.json").read_text())["combine"] == combine
     assert LineReader.load(folder).document["combine"]["margin"] == combine["margin"]

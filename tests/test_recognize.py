@@ -87,10 +87,12 @@ class _Line:
                  others: float, combine: dict, marks: bool = False) -> None:
         self.number, self.probabilities, self.log_probability = number, np.array(probabilities), log_probability
         self.others, self.document = others, {"combine": combine, "marks": marks}
+        self.marks = None
 
     def read(self, ink, box=None):
         columns = [(10 * k, 10 * k + 8) for k in range(len(self.number))]
-        return _Told(self.number, self.probabilities, columns, self.log_probability, None, self.others)
+        return _Told(self.number, self.probabilities, columns, self.log_probability, None, self.marks,
+                     others=self.others)
 
 
 def _one_hot(digit: int, sure: float) -> list[float]:
@@ -169,6 +171,13 @@ def test_a_reader_trained_on_marks_decides_refused_pieces_with_the_segmenter():
     assert combined.number == "?7" and combined.digits[0].reason == "a letter or symbol" and combined.unsure
     line.number = "1?"
     assert combine(mine, found, line).number == "17"
+    # the reader sure of its mark (at least the fitted level) outweighs a digit the model was sure of
+    line.number, line.marks = "1?", np.array([0.0, 0.97])
+    line.document["combine"] = {**even, "mark": 0.95}
+    assert combine(mine, found, line).number == "1?"
+    line.marks = np.array([0.0, 0.9])
+    assert combine(mine, found, line).number == "17"
+    line.marks = None
     # another count: the reader's reading with its mark, past the margin, even where the refused piece stands apart
     found, mine = _found_and_reading([(2, 0.9)], rejected=0, apart=True)
     line = _Line("2?", [_one_hot(2, 0.95), _one_hot(0, 0.5)], -0.3, -4.0, even, marks=True)

@@ -114,6 +114,7 @@ class LineReading:
     columns: list[tuple[int, int]]  # each digit's columns [start, stop) in the ink map given to ``read``
     log_probability: float  # log P(number | line) summed over CTC's alignments, calibrated
     log_probs: torch.Tensor | None = None  # (steps, classes) read from: scores other numbers without rerunning
+    marks: np.ndarray | None = None  # (digits,) each one's probability of being a mark, where it was surest
 
     def log_likelihood(self, number: str) -> float:
         """log P(``number`` | the line read), as ``log_probability`` is for the number read."""
@@ -128,6 +129,7 @@ class _Combine(BaseModel):
     segmenter: Annotated[float, Field(ge=0.0, le=10.0)]
     line: Annotated[float, Field(ge=0.0, le=10.0)]
     margin: Annotated[float, Field(ge=-100.0, le=100.0)]
+    mark: Annotated[float, Field(ge=0.0, le=1.01)] = 1.01  # a mark's probability that outweighs a digit (1.01: never)
 
 
 class _Document(BaseModel):
@@ -187,15 +189,18 @@ class LineReader:
         log_probs = self.log_probs(line)
         digits, spans = greedy_decode(log_probs.numpy())
         probabilities = np.zeros((len(digits), 10), np.float64)
+        marks = np.zeros(len(digits), np.float64)
         for k, (start, stop) in enumerate(spans):
             # the step the digit was surest at; its distribution over the ten digits, blank and mark left out
             frame = log_probs[start:stop]
             step = start + int(frame[:, 1:].max(dim=1).values.argmax())
             digit_logs = log_probs[step, 1:11].double()
             probabilities[k] = torch.softmax(digit_logs, dim=0).numpy()
+            if log_probs.shape[1] > MARK:
+                marks[k] = float(log_probs[step, MARK].exp())
         number = "".join("?" if d == MARK - 1 else str(d) for d in digits)
         return LineReading(number, probabilities, self._columns(ink, box, line, spans),
-                           self.score(log_probs, number), log_probs)
+                           self.score(log_probs, number), log_probs, marks)
 
     def log_likelihood(self, ink: np.ndarray, number: str, box: tuple[int, int, int, int] | None = None) -> float:
         """log P(``number`` | the line) under the reader, summed over CTC's alignments (calibrated)."""

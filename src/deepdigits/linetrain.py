@@ -236,7 +236,7 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
     from .data import load_dataset
     from .nondigits import MARK_KINDS, mnist_like
     from .predictor import builtin_model
-    from .recognize import _ink_box, keeps_its_count, read_digits
+    from .recognize import DEFAULT_MIN_CONFIDENCE, _ink_box, keeps_its_count, read_digits
     from .segment import find_digits
     from .synthetic import CONDITIONS, condition_options, render_number
 
@@ -247,6 +247,7 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
     x, y = mnist.x_train[-HOLDOUT:], mnist.y_train[-HOLDOUT:]
     marks = bool(reader.document.get("marks"))
     pooled, counted = [], []  # (truth digit, p_seg, p_line) per digit; (truth, seg, line, log-lik. margin)
+    marked = []  # (a mark in truth, the reader's mark probability) where it reads "?" and the model a sure digit
     for way in CONDITIONS:
         rng = np.random.default_rng([seed, CONDITIONS.index(way)])
         for k in range(numbers):
@@ -268,6 +269,9 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
                 pooled += [(int(t), d.probabilities, p) for t, d, p, named in zip(truth, mine.digits,
                            line.probabilities, line.number, strict=True)
                            if not d.not_a_digit and "?" not in (t, named)]
+                marked += [(t == "?", float(p)) for t, d, named, p in zip(truth, mine.digits, line.number,
+                           line.marks if line.marks is not None else np.zeros(len(truth)), strict=True)
+                           if named == "?" and not d.not_a_digit and d.confidence >= DEFAULT_MIN_CONFIDENCE]
             elif len(line.number) != len(mine.number) and (marks or not keeps_its_count(mine, found)):
                 # as combine decides
                 counted.append((truth, mine.number, line.number,
@@ -288,15 +292,22 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
     exact = [sum((line if m > c else seg_) == t for t, seg_, line, m in counted) for c in candidates]
     margin = candidates[int(np.argmax(exact))] if counted else math.inf
     margin = float(min(margin, 100.0))
+    # the mark threshold: each candidate at an observed probability, scored by the pieces then decided right
+    levels = [1.01, *sorted({p for _, p in marked})]
+    right = [sum((p >= level) == is_mark for is_mark, p in marked) for level in levels]
+    mark = float(levels[int(np.argmax(right))]) if marked else 1.01
     combine = {"segmenter": round(float(a), 4), "line": round(float(b), 4), "margin": round(margin, 4),
+               "mark": round(min(mark, 1.01), 6),
                "fit": {"numbers": numbers * len(CONDITIONS), "digits pooled": len(pooled),
                        "counts differing": len(counted), "exact where counts differ": int(max(exact, default=0)),
+                       "marks against sure digits": len(marked), "of them decided right": int(max(right)),
                        "digit model": predictor_name, "seed": seed}}
     document = json.loads((folder / DOCUMENT_FILE).read_text())
     atomic_write_text(folder / DOCUMENT_FILE, json.dumps({**document, "combine": combine}, indent=2) + "\n")
     LineReader.load(folder)
-    log(f"combine: segmenter weight {a:.3f}, line weight {b:.3f}, margin {margin:.2f} "
-        f"({len(pooled)} digits pooled, {len(counted)} numbers counted differently)")
+    log(f"combine: segmenter weight {a:.3f}, line weight {b:.3f}, margin {margin:.2f}, mark {mark:.4f} "
+        f"({len(pooled)} digits pooled, {len(counted)} numbers counted differently, {len(marked)} marks against "
+        "sure digits)")
     return combine
 
 

@@ -280,8 +280,9 @@ def combine(reading: NumberReading, found: FoundDigits, reader: LineReader,
     A piece the segmenter's model refused as not a digit: with a reader trained on marks (letters, symbols and
     scribbles written among digits, read "?"), the two decide together: refused where the reader reads "?"
     too, pooled into a digit where the reader reads a digit and the segmenter's model would have named that
-    digit, "?" where the reader reads "?" at a piece the model took for a digit and the model was unsure
-    (below ``min_confidence``). A reader without marks never saw a letter: the piece stays refused.
+    digit, "?" where the reader reads "?" at a piece the model took for a digit and is sure of it (its mark
+    probability at least the fitted ``mark``) or the model was unsure (below ``min_confidence``). A reader
+    without marks never saw a letter: the piece stays refused.
     Another count: the line reader's reading where it finds it more likely than the segmenter's by more than the
     fitted ``margin`` (in log-likelihood), else the segmenter's; with a reader without marks, only where every
     piece the segmenter refused was cut out of ink running on beyond it (digits that touch, cut wrong): a
@@ -298,13 +299,15 @@ def combine(reading: NumberReading, found: FoundDigits, reader: LineReader,
     digits = reading.digits
     if len(line.number) == len(digits):
         pooled = []
-        for digit, named, theirs in zip(digits, line.number, line.probabilities, strict=True):
+        sure_marks = line.marks if line.marks is not None else np.zeros(len(digits))
+        mark = float(weights.get("mark", 1.01))
+        for digit, named, theirs, sure_mark in zip(digits, line.number, line.probabilities, sure_marks, strict=True):
             mine = np.clip(np.asarray(digit.probabilities, np.float64), 1e-12, 1.0)
             if digit.not_a_digit and not (marks and named != "?" and int(np.argmax(mine)) == int(named)):
                 pooled.append(digit)  # the line reader never saw a letter, or sees one too, or names another digit
                 continue
             if named == "?" and not digit.not_a_digit:
-                if digit.confidence < min_confidence:
+                if digit.confidence < min_confidence or sure_mark >= mark:
                     pooled.append(_prediction(mine, DIGIT_NAMES, 3, min_confidence, reason=LETTER, box=digit.box))
                 else:
                     pooled.append(digit)
