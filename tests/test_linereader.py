@@ -19,6 +19,7 @@ from deepdigits.linereader import (
     LineNet,
     LineReader,
     builtin_reader,
+    check_document,
     greedy_decode,
     line_image,
 )
@@ -81,6 +82,13 @@ def test_a_reader_whose_tensors_do_not_match_its_marks_is_refused(tmp_path):
     (folder / DOCUMENT_FILE).write_text(json.dumps({**document, "marks": "yes"}))
     with pytest.raises(BundleError, match="field 'marks'"):
         LineReader.load(folder)
+
+
+def test_a_document_out_of_its_schema_is_named_before_anything_is_written(tmp_path):
+    combine = {"segmenter": 561.9, "line": 766.0, "margin": 3.9}  # what an unbounded fit once wrote
+    with pytest.raises(BundleError, match=r"reader.json: field 'combine.segmenter': Input should be less than"):
+        check_document(_document(combine=combine), tmp_path / "reader.json")
+    assert check_document(_document(), tmp_path / "reader.json")["marks"] is False  # defaults filled in
 
 
 def _document(**changes) -> dict:

@@ -160,13 +160,7 @@ class LineReader:
 
         folder = Path(folder)
         path = folder / DOCUMENT_FILE
-        document = _read_json(path)
-        try:
-            checked = _Document.model_validate(document).model_dump()
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(part) for part in error["loc"]) or "document"
-            raise BundleError(f"{path}: field {where!r}: {error['msg'][:160]}") from None
+        checked = check_document(_read_json(path), path)
         name = checked["weights"].get("file", WEIGHTS_FILE)
         state = load_weights(folder, name, checked["weights"].get("sha256"))
         net = LineNet(tuple(checked["channels"]), checked["context"], checked["marks"])  # type: ignore[arg-type]
@@ -240,6 +234,17 @@ class LineReader:
             b = origin + (stop * STRIDE - 2) * scale * squeeze
             out.append((max(left, round(a)), max(left, round(b))))
         return out
+
+
+def check_document(document: object, path: Path) -> dict:
+    """A reader.json's content checked against its schema (defaults filled in); one BundleError line naming the
+    field where it is not."""
+    try:
+        return _Document.model_validate(document).model_dump()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "document"
+        raise BundleError(f"{path}: field {where!r}: {error['msg'][:160]}") from None
 
 
 @functools.lru_cache(maxsize=1)

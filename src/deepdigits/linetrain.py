@@ -37,6 +37,7 @@ from .linereader import (
     WEIGHTS_FILE,
     LineNet,
     LineReader,
+    check_document,
     greedy_decode,
     line_image,
 )
@@ -285,7 +286,11 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
         z -= z.max(axis=1, keepdims=True)
         return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), truths]))
 
-    a, b = (np.exp(minimize(nll, np.zeros(2), method="Nelder-Mead").x) if len(pooled) >= 20 else (1.0, 1.0))
+    # bounded: where some weights read every pooled digit right, the likelihood grows without end as they
+    # grow (seen: 562 and 766 on 476 digits, a reader trained on marks), and the pooled answer turns 0-or-1
+    bounds = [(math.log(0.05), math.log(4.0))] * 2
+    a, b = (np.exp(minimize(nll, np.zeros(2), method="L-BFGS-B", bounds=bounds).x) if len(pooled) >= 20
+            else (1.0, 1.0))
     # the margin: each candidate between the observed ones, scored by the numbers then read exactly
     gaps = sorted(m for *_, m in counted)
     candidates = [math.inf] + [g - 1e-6 for g in gaps]
@@ -302,8 +307,9 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
                        "counts differing": len(counted), "exact where counts differ": int(max(exact, default=0)),
                        "marks against sure digits": len(marked), "of them decided right": int(max(right)),
                        "digit model": predictor_name, "seed": seed}}
-    document = json.loads((folder / DOCUMENT_FILE).read_text())
-    atomic_write_text(folder / DOCUMENT_FILE, json.dumps({**document, "combine": combine}, indent=2) + "\n")
+    document = {**json.loads((folder / DOCUMENT_FILE).read_text()), "combine": combine}
+    check_document(document, folder / DOCUMENT_FILE)  # a document that would not load is never written
+    atomic_write_text(folder / DOCUMENT_FILE, json.dumps(document, indent=2) + "\n")
     LineReader.load(folder)
     log(f"combine: segmenter weight {a:.3f}, line weight {b:.3f}, margin {margin:.2f}, mark {mark:.4f} "
         f"({len(pooled)} digits pooled, {len(counted)} numbers counted differently, {len(marked)} marks against "
