@@ -38,6 +38,7 @@ from deepdigits.segment import find_digits
 from deepdigits.synthetic import CONDITIONS, condition_options, render_digit, render_number
 
 LENGTHS = range(2, 9)
+READER: list = [True]  # the line reader numbers are read with: the built-in (True) unless --line-reader names one
 
 
 
@@ -66,7 +67,8 @@ def score_marks(cases: list[tuple[str, bytes]], model) -> dict:
     shown = exact = alone_shown = alone_exact = 0
     for truth, image in cases:
         found = find_digits(image, predictor=model)
-        for reading, counts in ((read_digits(found, model), 0), (read_digits(found, model, line_reader=False), 1)):
+        for reading, counts in ((read_digits(found, model, line_reader=READER[0]), 0),
+                                (read_digits(found, model, line_reader=False), 1)):
             flagged = "?" in reading.number or reading.not_a_digit
             right = reading.number == truth
             if counts:
@@ -110,7 +112,7 @@ def score(cases: list[tuple[str, bytes]], model) -> dict:
     for truth, image in cases:
         started = time.perf_counter()
         found = find_digits(image, predictor=model)
-        reading = read_digits(found, model)
+        reading = read_digits(found, model, line_reader=READER[0])
         number = reading.number
         seconds += time.perf_counter() - started
         if len(number) == len(truth):
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--marks", type=int, default=100, help="photos of numbers with a mark per condition")
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     parser.add_argument("--model", help="model bundle (default: the built-in model)")
+    parser.add_argument("--line-reader", help="line reader folder (default: the built-in one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--data-dir")
@@ -146,10 +149,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ds = load_dataset("mnist", data_dir=args.data_dir)
     model = load(args.model)
+    if args.line_reader:
+        from deepdigits.linereader import LineReader
+
+        READER[0] = LineReader.load(args.line_reader)
 
     print(f"command: python {shlex.join(sys.argv)}")
     print(machine_line())
-    print(f"model: {getattr(model, 'architecture', None) or args.model or 'built-in'}; seed {args.seed}")
+    print(f"model: {getattr(model, 'architecture', None) or args.model or 'built-in'}; "
+          f"line reader: {args.line_reader or 'built-in'}; seed {args.seed}")
     print()
     if args.digits:
         rng = np.random.default_rng(args.seed)
