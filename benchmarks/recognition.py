@@ -32,13 +32,12 @@ import numpy as np
 
 from deepdigits import load, load_dataset
 from deepdigits.calibrate import expected_calibration_error
-from deepdigits.nondigits import MARK_KINDS, mnist_like
+from deepdigits.nondigits import MARK_KINDS, write_mark
 from deepdigits.recognize import predict_digit, read_digits
 from deepdigits.segment import find_digits
 from deepdigits.synthetic import CONDITIONS, condition_options, render_digit, render_number
 
 LENGTHS = range(2, 9)
-READER: list = [True]  # the line reader numbers are read with: the built-in (True) unless --line-reader names one
 
 
 
@@ -54,20 +53,19 @@ def number_cases(x: np.ndarray, y: np.ndarray, condition: str, count: int, seed:
         chosen = rng.choice(len(x), length, replace=False)
         written, truth = [x[i] for i in chosen], "".join(str(y[i]) for i in chosen)
         if marks:
-            where = int(rng.integers(length))
-            written[where] = mnist_like(MARK_KINDS[k % len(MARK_KINDS)], rng)
+            where = write_mark(written, MARK_KINDS[k % len(MARK_KINDS)], rng)
             truth = truth[:where] + "?" + truth[where + 1 :]
         cases.append((truth, render_number(written, rng, **condition_options(condition, rng))))
     return cases
 
 
-def score_marks(cases: list[tuple[str, bytes]], model) -> dict:
+def score_marks(cases: list[tuple[str, bytes]], model, reader=True) -> dict:
     """Numbers holding a mark: shown ("?" in the reading, or not a number at all), read exactly (the mark as
     "?", every digit right), and the same for the segmenter alone from the same cut."""
     shown = exact = alone_shown = alone_exact = 0
     for truth, image in cases:
         found = find_digits(image, predictor=model)
-        for reading, counts in ((read_digits(found, model, line_reader=READER[0]), 0),
+        for reading, counts in ((read_digits(found, model, line_reader=reader), 0),
                                 (read_digits(found, model, line_reader=False), 1)):
             flagged = "?" in reading.number or reading.not_a_digit
             right = reading.number == truth
@@ -101,7 +99,7 @@ def load_average() -> str:
         return "-"
 
 
-def score(cases: list[tuple[str, bytes]], model) -> dict:
+def score(cases: list[tuple[str, bytes]], model, reader=True) -> dict:
     """Exact reads for 2-6 and 2-8 digits, right digit counts, digits right where the count is, and time:
     the segmenter alone (``alone_*``) and with the line reader, from the same cut (``find_digits``); each
     digit's probabilities where the count is right (for its calibration error)."""
@@ -112,7 +110,7 @@ def score(cases: list[tuple[str, bytes]], model) -> dict:
     for truth, image in cases:
         started = time.perf_counter()
         found = find_digits(image, predictor=model)
-        reading = read_digits(found, model, line_reader=READER[0])
+        reading = read_digits(found, model, line_reader=reader)
         number = reading.number
         seconds += time.perf_counter() - started
         if len(number) == len(truth):
@@ -149,10 +147,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ds = load_dataset("mnist", data_dir=args.data_dir)
     model = load(args.model)
+    reader = True  # the built-in line reader
     if args.line_reader:
         from deepdigits.linereader import LineReader
 
-        READER[0] = LineReader.load(args.line_reader)
+        reader = LineReader.load(args.line_reader)
 
     print(f"command: python {shlex.join(sys.argv)}")
     print(machine_line())
@@ -173,7 +172,7 @@ def main() -> None:
     total: dict = {}
     for condition in args.conditions:
         cases = number_cases(ds.x_test, ds.y_test, condition, args.numbers, args.seed)
-        result = score(cases, model)
+        result = score(cases, model, reader)
         for key, value in result.items():
             total[key] = total.get(key, [] if isinstance(value, list) else 0) + value
         print(row(condition, result))
@@ -189,7 +188,7 @@ def main() -> None:
         totals = dict.fromkeys(("n", "shown", "exact", "alone_shown", "alone_exact"), 0)
         for condition in args.conditions:
             result = score_marks(number_cases(ds.x_test, ds.y_test, condition, args.marks, args.seed, marks=True),
-                                 model)
+                                 model, reader)
             totals = {key: totals[key] + result[key] for key in totals}
             print(mark_row(condition, result))
         if len(args.conditions) > 1:

@@ -37,6 +37,7 @@ MAX_LINE_WIDTH = 512  # pixels at LINE_HEIGHT: 8 digits are about 200; longer li
 STRIDE = 4  # input columns per output step
 BLANK = 0  # CTC's "no digit here" class; digit d is class d + 1
 MARK = 11  # in a reader trained with marks: a letter, symbol or scribble written among the digits, read "?"
+NEVER_MARK = 1.01  # a mark level no probability reaches: the reader's "?" never outweighs a sure digit
 
 
 class LineNet(nn.Module):
@@ -122,6 +123,10 @@ class LineReading:
             raise ValueError("this reading keeps no log-probabilities to score another number with")
         return LineReader.score(self.log_probs, number)
 
+    def mark_probabilities(self) -> np.ndarray:
+        """``marks``, or zeros where the reading has none (a reader trained without marks)."""
+        return self.marks if self.marks is not None else np.zeros(len(self.number))
+
 
 class _Combine(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -129,7 +134,7 @@ class _Combine(BaseModel):
     segmenter: Annotated[float, Field(ge=0.0, le=10.0)]
     line: Annotated[float, Field(ge=0.0, le=10.0)]
     margin: Annotated[float, Field(ge=-100.0, le=100.0)]
-    mark: Annotated[float, Field(ge=0.0, le=1.01)] = 1.01  # a mark's probability that outweighs a digit (1.01: never)
+    mark: Annotated[float, Field(ge=0.0, le=NEVER_MARK)] = NEVER_MARK  # a mark's probability outweighing a digit
 
 
 class _Document(BaseModel):

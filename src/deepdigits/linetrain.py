@@ -37,6 +37,7 @@ from .linereader import (
     FORMAT_VERSION,
     LINE_HEIGHT,
     MARK,
+    NEVER_MARK,
     STRIDE,
     WEIGHTS_FILE,
     LineNet,
@@ -82,17 +83,15 @@ class Lines:
 def write_lines(x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Generator, marks: float = 0.0) -> Lines:
     """``count`` lines of 1-8 digits drawn from ``x``/``y`` (as many of each length), as the reader sees them;
     in a ``marks`` share of them one of the digits is a letter, symbol, scribble or smiley instead."""
-    from .nondigits import MARK_KINDS, mnist_like
+    from .nondigits import MARK_KINDS, write_mark
 
     images, labels = [], np.full((count, MAX_DIGITS), -1, np.int8)
     for k in range(count):
         chosen = rng.choice(len(x), k % MAX_DIGITS + 1, replace=False)
         written, truth = [x[i] for i in chosen], y[chosen]
         if marks and rng.random() < marks:
-            where = int(rng.integers(len(written)))
-            written[where] = mnist_like(MARK_KINDS[int(rng.integers(len(MARK_KINDS)))], rng)
             truth = truth.copy()
-            truth[where] = MARK - 1
+            truth[write_mark(written, MARK_KINDS[int(rng.integers(len(MARK_KINDS)))], rng)] = MARK - 1
         images.append(line_image(number_line_ink(written, rng)))
         labels[k, : len(chosen)] = truth
     widths = np.array([image.shape[1] for image in images], np.int64)
@@ -239,7 +238,7 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
 
     from .atomic import atomic_write_text
     from .data import load_dataset
-    from .nondigits import MARK_KINDS, mnist_like
+    from .nondigits import MARK_KINDS, write_mark
     from .predictor import builtin_model
     from .recognize import DEFAULT_MIN_CONFIDENCE, _ink_box, keeps_its_count, read_digits
     from .segment import find_digits
@@ -259,8 +258,7 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
             chosen = rng.choice(len(x), k % 7 + 2, replace=False)
             written, truth = [x[i] for i in chosen], "".join(str(y[i]) for i in chosen)
             if marks and k % 5 == 4:
-                where = int(rng.integers(len(written)))
-                written[where] = mnist_like(MARK_KINDS[k // 5 % len(MARK_KINDS)], rng)
+                where = write_mark(written, MARK_KINDS[k // 5 % len(MARK_KINDS)], rng)
                 truth = truth[:where] + "?" + truth[where + 1 :]
             found = find_digits(render_number(written, rng, **condition_options(way, rng)), predictor=model)
             mine = read_digits(found, model, line_reader=False)
@@ -275,7 +273,7 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
                            line.probabilities, line.number, strict=True)
                            if not d.not_a_digit and "?" not in (t, named)]
                 marked += [(t == "?", float(p)) for t, d, named, p in zip(truth, mine.digits, line.number,
-                           line.marks if line.marks is not None else np.zeros(len(truth)), strict=True)
+                           line.mark_probabilities(), strict=True)
                            if named == "?" and not d.not_a_digit and d.confidence >= DEFAULT_MIN_CONFIDENCE]
             elif len(line.number) != len(mine.number) and (marks or not keeps_its_count(mine, found)):
                 # as combine decides
@@ -302,11 +300,11 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
     margin = candidates[int(np.argmax(exact))] if counted else math.inf
     margin = float(min(margin, 100.0))
     # the mark threshold: each candidate at an observed probability, scored by the pieces then decided right
-    levels = [1.01, *sorted({p for _, p in marked})]
+    levels = [NEVER_MARK, *sorted({p for _, p in marked})]
     right = [sum((p >= level) == is_mark for is_mark, p in marked) for level in levels]
-    mark = float(levels[int(np.argmax(right))]) if marked else 1.01
+    mark = float(levels[int(np.argmax(right))])
     combine = {"segmenter": round(float(a), 4), "line": round(float(b), 4), "margin": round(margin, 4),
-               "mark": round(min(mark, 1.01), 6),
+               "mark": round(mark, 6),
                "fit": {"numbers": numbers * len(CONDITIONS), "digits pooled": len(pooled),
                        "counts differing": len(counted), "exact where counts differ": int(max(exact, default=0)),
                        "marks against sure digits": len(marked), "of them decided right": int(max(right)),
@@ -314,7 +312,6 @@ def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 10
     document = {**json.loads((folder / DOCUMENT_FILE).read_text()), "combine": combine}
     check_document(document, folder / DOCUMENT_FILE)  # a document that would not load is never written
     atomic_write_text(folder / DOCUMENT_FILE, json.dumps(document, indent=2) + "\n")
-    LineReader.load(folder)
     log(f"combine: segmenter weight {a:.3f}, line weight {b:.3f}, margin {margin:.2f}, mark {mark:.4f} "
         f"({len(pooled)} digits pooled, {len(counted)} numbers counted differently, {len(marked)} marks against "
         "sure digits)")

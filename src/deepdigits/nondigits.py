@@ -144,6 +144,14 @@ def mnist_like(kind: str, rng: np.random.Generator) -> np.ndarray:
 MARK_KINDS = ("letter", "symbol", "scribble", "smiley")  # what mnist_like draws; the line reader's "?"
 
 
+def write_mark(digits: list[np.ndarray], kind: str, rng: np.random.Generator) -> int:
+    """Put a mark of ``kind`` (:func:`mnist_like`) in place of one of ``digits`` (MNIST images), chosen at random;
+    returns its place. Training lines, the combination's fit and the benchmark draw marks alike."""
+    where = int(rng.integers(len(digits)))
+    digits[where] = mnist_like(kind, rng)
+    return where
+
+
 def _on_paper(ink: np.ndarray, rng: np.random.Generator, jpeg: bool, margin: tuple[float, float]) -> bytes:
     width = max(ink.shape[1] + 4, int(ink.shape[1] * rng.uniform(*margin)))
     height = max(ink.shape[0] + 4, int(ink.shape[0] * rng.uniform(*margin)))

@@ -255,7 +255,7 @@ def read_digits(found: FoundDigits, predictor: Predictor | None = None,
     digits = predict_arrays(crops, model, 3, min_confidence, several=False) if crops else []
     for prediction, box in zip(digits, boxes, strict=True):
         prediction.box = box
-    reading = _reading(digits, found.size) if digits else NumberReading("", digits, found.size)
+    reading = _reading(digits, found.size)
     if reading.not_a_digit:
         return reading
     if line_reader is True:
@@ -288,6 +288,8 @@ def combine(reading: NumberReading, found: FoundDigits, reader: LineReader,
     piece the segmenter refused was cut out of ink running on beyond it (digits that touch, cut wrong): a
     letter written apart reads ``?``, where that reader would name it as digits.
     """
+    from .linereader import NEVER_MARK
+
     assert found.ink is not None
     box = _ink_box(reading, found)
     line = reader.read(found.ink, box)
@@ -299,9 +301,9 @@ def combine(reading: NumberReading, found: FoundDigits, reader: LineReader,
     digits = reading.digits
     if len(line.number) == len(digits):
         pooled = []
-        sure_marks = line.marks if line.marks is not None else np.zeros(len(digits))
-        mark = float(weights.get("mark", 1.01))
-        for digit, named, theirs, sure_mark in zip(digits, line.number, line.probabilities, sure_marks, strict=True):
+        mark = float(weights.get("mark", NEVER_MARK))
+        for digit, named, theirs, sure_mark in zip(digits, line.number, line.probabilities, line.mark_probabilities(),
+                                                   strict=True):
             mine = np.clip(np.asarray(digit.probabilities, np.float64), 1e-12, 1.0)
             if digit.not_a_digit and not (marks and named != "?" and int(np.argmax(mine)) == int(named)):
                 pooled.append(digit)  # the line reader never saw a letter, or sees one too, or names another digit
@@ -333,8 +335,8 @@ def combine(reading: NumberReading, found: FoundDigits, reader: LineReader,
 
 
 def _reading(digits: list[DigitPrediction], size: tuple[int, int]) -> NumberReading:
-    """A number of these digits ("?" where not a digit); where none is a digit, not a number."""
-    if all(d.not_a_digit for d in digits):
+    """A number of these digits ("?" where not a digit); where some are given and none is a digit, not a number."""
+    if digits and all(d.not_a_digit for d in digits):
         reasons = [d.reason for d in digits]
         return NumberReading("", digits, size, reason=max(set(reasons), key=reasons.count))
     return NumberReading("".join(d.class_name or "?" for d in digits), digits, size)
