@@ -149,9 +149,13 @@ def main() -> None:
     model = load(args.model)
     reader = True  # the built-in line reader
     if args.line_reader:
+        from deepdigits.errors import DeepDigitsError
         from deepdigits.linereader import LineReader
 
-        reader = LineReader.load(args.line_reader)
+        try:
+            reader = LineReader.load(args.line_reader)
+        except DeepDigitsError as exc:
+            parser.error(f"--line-reader: {exc}")
 
     print(f"command: python {shlex.join(sys.argv)}")
     print(machine_line())
