@@ -143,3 +143,18 @@ def test_dropout_keeps_each_value_with_probability_1_minus_p_in_bfloat16_too():
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient passes where the value was kept, scaled alike
     assert torch.equal(Dropout(0.5).eval()(x), x)
+
+
+def test_dropout_mask_is_the_boolean_mask_scaled_in_the_activations_dtype_bit_for_bit():
+    from deepdigits.models import Dropout
+
+    for p in (0.1, 0.2, 0.25, 0.3, 0.5):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            x = torch.randn(7, 13).to(dtype)  # 91 values: not a multiple of the four per 64-bit draw
+            torch.manual_seed(5)
+            y = Dropout(p).train()(x)
+            torch.manual_seed(5)
+            draws = torch.empty(92, dtype=torch.int16)
+            draws.view(torch.int64).random_(-(2**63), None)
+            keep = (draws[:91] >= round(p * 65536) - 32768).to(dtype).mul_(1.0 / (1.0 - p)).view(7, 13)
+            assert y.dtype == dtype and torch.equal(y, x * keep), (p, dtype)
