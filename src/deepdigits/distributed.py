@@ -145,14 +145,17 @@ def wrap(network: nn.Module, device: torch.device) -> nn.Module:
     """``network`` under DistributedDataParallel (its gradients all-reduced, averaged, during backward)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    # A convolution weight with one input channel is the same bytes channels-last or contiguous (torch calls
-    # both contiguous), but DDP compares strides: left channels-last (36, 1, 6, 1), its gradient comes as
-    # (36, 36, 6, 1), misses its bucket view, and on CUDA DDP warned "Grad strides do not match bucket view
-    # strides" (fast's first layer, H100) and copied it every step.
-    for parameter in network.parameters():
-        if parameter.dim() == 4 and parameter.shape[1] == 1:
-            parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
     if device.type == "cuda":
+        # A convolution weight with one input channel is the same bytes channels-last or contiguous (torch
+        # calls both contiguous), but DDP compares strides: left channels-last (36, 1, 6, 1), its gradient
+        # came as (36, 36, 6, 1), missed its bucket view, and DDP warned "Grad strides do not match bucket
+        # view strides" (fast's first layer, H100) and copied it every step. Not on the CPU: there the
+        # gradient keeps the weight's strides, and the weight's layout is what makes oneDNN give the first
+        # convolution's output channels-last; contiguous, every later layer ran channels-first, and
+        # tutorial 003 trained in 2 processes at 15.3 ms a step against 7.1 (gloo, 1 thread each).
+        for parameter in network.parameters():
+            if parameter.dim() == 4 and parameter.shape[1] == 1:
+                parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
         index = device.index if device.index is not None else torch.cuda.current_device()
         return DistributedDataParallel(network, device_ids=[index], output_device=index)
     return DistributedDataParallel(network)
