@@ -218,13 +218,15 @@ def add_train(commands) -> None:
     train.add_argument("--resume", metavar="DIR",
                        help="continue the run whose checkpoint is in DIR (its output folder) with its recipe and "
                        "options; ends with the weights the uninterrupted run would have had")
-    # One epoch on 2 cores shared with other work, alternated over 3 rounds (benchmarks/RESULTS.md): training
-    # as 2 processes x 1 thread against 1 process x 2 threads, best 147-186 s against 355-521 s (2.4-2.8x),
-    # tutorial-003 1.3-2.0x, fast 1.3-2.0x (but its whole command 0.74-1.20x: the second process's start-up).
+    # Training as 2 processes x 1 thread against 1 process x 2 threads (benchmarks/RESULTS.md), alternated: on 2
+    # cores shared with other work, one epoch of best 147-186 s against 355-521 s (2.4-2.8x), tutorial-003 and
+    # fast 1.3-2.0x; on 2 free cores, best 0.41x (48 s against 20 s: synchronised batch norm's all-reduces and
+    # float32 passes), tutorial-003's 10 epochs 0.83x, fast 0.60x.
     train.add_argument("--processes", type=int, metavar="N",
                        help="train data-parallel in N processes on this machine, one thread each (torch's "
-                       "elastic agent, as torchrun --standalone starts them); it pays most when other work "
-                       "shares the cores (benchmarks/RESULTS.md). For the ensemble recipe: train N members at "
+                       "elastic agent, as torchrun --standalone starts them); it pays only where other work "
+                       "shares the cores: on free cores one process is quicker (benchmarks/RESULTS.md). For "
+                       "the ensemble recipe: train N members at "
                        "once, each in its own process with 1/N of the cores (default: one per core and member)")
     _quiet_option(train)
     train.set_defaults(handler=cmd_train)
