@@ -158,7 +158,9 @@ def wrap(network: nn.Module, device: torch.device) -> nn.Module:
                 parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
         index = device.index if device.index is not None else torch.cuda.current_device()
         return DistributedDataParallel(network, device_ids=[index], output_device=index)
-    return DistributedDataParallel(network)
+    # broadcast_buffers=False: rank 0's buffers (batch norm's running statistics) were sent to every process
+    # before each forward (3% of a CPU worker's time in py-spy); synchronised batch norm keeps them equal
+    return DistributedDataParallel(network, broadcast_buffers=False)
 
 
 # ----------------------------------------------------------------------------- synchronised batch norm
@@ -217,6 +219,76 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x.to(grad_out.dtype), grad_weight, grad_bias, None, None, None, None
 
 
+class _SyncBatchNormCPU(torch.autograd.Function):
+    """Batch norm over the union of every process's batch, on the CPU: one all-gather forward, one all-reduce
+    backward.
+
+    Each process takes its batch's mean and variance in torch's fused kernel (float32 statistics), the
+    processes' are combined exactly (Chan's pooled variance), and torch's batch norm normalises with them;
+    backward, torch's batch-norm backward gives each process its sums of dy and dy * xhat, whose all-reduced
+    means make the input's gradient in two fused float32 passes. Before, a dozen float32 passes over the
+    activations each way took most of a worker's time: ``best`` trained 2.4x slower in two processes than in
+    one (2 free cores); its first layer (64 x 32 x 28 x 28 bfloat16, 1 thread) 5.8 -> 1.2 ms forward and
+    5.2 -> 2.3 ms backward, all-reduces aside (statistics 0.86 ms, normalisation 0.39, backward sums 0.35).
+    Other devices keep ``_SyncBatchNormFunction``, measured on the H100 (these fused kernels were not run there).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps: float, momentum: float):  # type: ignore[override]
+        channels = x.shape[1]
+        # this process's mean and biased variance in one fused pass, in float32 whatever x is (the float32
+        # scratch "running" statistics, left as they are by momentum 0, are what makes them float32)
+        scratch = torch.zeros(2, channels, dtype=torch.float32, device=x.device)
+        local_mean, local_var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0)
+        count = float(x.numel() // channels)
+        mine = torch.cat([torch.tensor([count], device=x.device), local_mean.float(), local_var.float()])
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, mine)
+        stats = torch.stack(parts)
+        counts, means, variances = stats[:, :1], stats[:, 1 : 1 + channels], stats[:, 1 + channels :]
+        total = counts.sum()
+        mean = (counts * means).sum(0) / total
+        var = (counts * (variances + (means - mean).square())).sum(0) / total
+        invstd = torch.rsqrt(var + eps)
+        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        if running_mean is not None and running_var is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = var * (total / (total - 1).clamp(min=1))
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total, ctx.eps = total, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        scale_by = weight.float() if weight is not None else torch.ones_like(invstd)
+        dy = grad_out.contiguous(memory_format=_memory_format(x))
+        # this process's sums of dy * xhat and of dy, with the statistics of the whole batch
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, scale_by, None, None, mean, invstd, True, ctx.eps, [False, True, True])
+        # The affine parameters' gradients stay local: DDP averages them over processes like any other.
+        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None else None
+        grad_bias = sum_dy.to(weight.dtype) if weight is not None else None
+        both = torch.cat([sum_dy, sum_dy_xhat]).float()
+        dist.all_reduce(both)
+        channels = sum_dy.numel()
+        mean_dy, mean_dy_xhat = both[:channels] / ctx.total, both[channels:] / ctx.total
+        # dx = k (dy - mean_dy - xhat mean_dy_xhat) with xhat = (x - mean) invstd, k = invstd * weight:
+        # dx = k dy + c1 x + c0, computed in float32 and rounded once to dy's dtype
+        k = invstd * scale_by
+        c1 = -k * mean_dy_xhat * invstd
+        c0 = -k * mean_dy - c1 * mean
+        grad_x = torch.addcmul(c0.view(shape), x, c1.view(shape)).addcmul_(dy, k.view(shape))
+        return grad_x.to(grad_out.dtype), grad_weight, grad_bias, None, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
 class _Synchronised:
     """Mixed in before a batch-norm class: in training mode, statistics over all processes' batches."""
 
@@ -232,7 +304,8 @@ class _Synchronised:
             if momentum is None:  # a cumulative average
                 momentum = 1.0 / float(self.num_batches_tracked)  # type: ignore[attr-defined]
         tracked = self.track_running_stats  # type: ignore[attr-defined]
-        return _SyncBatchNormFunction.apply(
+        function = _SyncBatchNormCPU if x.device.type == "cpu" else _SyncBatchNormFunction
+        return function.apply(
             x, self.weight, self.bias,  # type: ignore[attr-defined]
             self.running_mean if tracked else None, self.running_var if tracked else None,  # type: ignore[attr-defined]
             self.eps, momentum if momentum is not None else 0.0)  # type: ignore[attr-defined]
