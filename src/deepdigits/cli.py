@@ -220,8 +220,8 @@ def add_train(commands) -> None:
                        "options; ends with the weights the uninterrupted run would have had")
     # Training as 2 processes x 1 thread against 1 process x 2 threads (benchmarks/RESULTS.md), alternated: on 2
     # cores shared with other work, one epoch of best 147-186 s against 355-521 s (2.4-2.8x), tutorial-003 and
-    # fast 1.3-2.0x; on 2 free cores, best 0.41x (48 s against 20 s: synchronised batch norm's all-reduces and
-    # float32 passes), tutorial-003's 10 epochs 0.83x, fast 0.60x.
+    # fast 1.3-2.0x; on 2 free cores, best 0.60x (31.5 s against 19 s), tutorial-003's 10 epochs 0.83x, fast
+    # 0.60x.
     train.add_argument("--processes", type=int, metavar="N",
                        help="train data-parallel in N processes on this machine, one thread each (torch's "
                        "elastic agent, as torchrun --standalone starts them); it pays only where other work "
