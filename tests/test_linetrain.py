@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from deepdigits.linereader import LINE_HEIGHT, MARK, LineReader
-from deepdigits.linetrain import MAX_DIGITS, fit_combination, main, train_line_reader, write_lines
+from deepdigits.linetrain import (
+    MAX_DIGITS,
+    fine_tune_line_reader,
+    fit_combination,
+    main,
+    train_line_reader,
+    write_lines,
+    write_photographed_lines,
+)
 
 
 def test_lines_hold_one_to_eight_digits_each_with_its_labels(mnist):
@@ -67,10 +75,40 @@ def test_the_combination_is_fit_on_held_out_numbers_and_saved(trained, data_root
     assert said[-1].startswith("combine: segmenter weight")
 
 
+def test_photographed_lines_hold_two_to_eight_digits_and_do_not_depend_on_threads(mnist):
+    x, y = mnist.x_train[:300], mnist.y_train[:300]
+    one = write_photographed_lines(x, y, 14, np.random.default_rng(3), marks=0.5, threads=1)
+    two = write_photographed_lines(x, y, 14, np.random.default_rng(3), marks=0.5, threads=2)
+    assert len(one) == 14 and one.pixels.shape[0] == 32 and one.pixels.shape[1] == one.widths.sum()
+    assert np.array_equal(one.pixels, two.pixels) and np.array_equal(one.labels, two.labels)
+    assert [len(one.number(k)) for k in range(14)] == [2, 3, 4, 5, 6, 7, 8] * 2
+    assert 2 <= sum("?" in one.number(k) for k in range(14)) <= 12  # half of them, at random
+
+
+def test_fine_tuning_on_photographed_lines_refits_the_temperature_and_drops_the_combination(trained, data_root,
+                                                                                             tmp_path):
+    import shutil
+
+    folder = tmp_path / "reader"
+    shutil.copytree(trained[0], folder)
+    said: list[str] = []
+    document = fine_tune_line_reader(folder, photographed=64, ink=32, epochs=1, held_out=16,
+                                     data_dir=str(data_root), log=said.append)
+    reader = LineReader.load(folder)
+    assert reader.temperature == document["temperature"] and not reader.document.get("combine")
+    assert "combine" not in json.loads((folder / "reader.json").read_text())  # fit it again for the new weights
+    assert reader.document["training"]["fine_tuned"]["photographed"] == 64
+    assert reader.document["held_out"]["photographed"] is True and reader.document["held_out"]["lines"] == 16
+    assert document["held_out"]["nll_after"] <= document["held_out"]["nll_before"]
+    assert said[0].startswith("wrote 64 photographed and 32 ink lines") and said[-1].startswith("held out")
+
+
 def test_the_command_line_answers_bad_input_in_one_line(tmp_path, capsys):
     for argv, expected in ((["--out", str(tmp_path / "r"), "--epochs", "0"], "--epochs: expected at least 1, got 0"),
                            (["--out", str(tmp_path / "r"), "--marks", "1.5"], "--marks: expected a share from 0"),
                            (["--out", str(tmp_path / "r"), "--fit-only"], "r/reader.json: missing"),
+                           (["--out", str(tmp_path / "r"), "--fine-tune", "10"], "--fine-tune: expected at least 64"),
+                           (["--out", str(tmp_path / "r"), "--fine-tune", "64"], "r/reader.json: missing"),
                            (["--out", str(tmp_path / "r"), "--data-dir", str(tmp_path)], "no complete mnist files")):
         with pytest.raises(SystemExit) as stop:
             main(argv)
