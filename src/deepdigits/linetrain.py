@@ -242,9 +242,9 @@ def fine_tune_line_reader(folder: str | os.PathLike, photographed: int = 16_000,
     ink lines like its own, refit its temperature on photographed numbers of the held-out digits, and save it
     in place (its combination is dropped: fit it again with :func:`fit_combination`).
 
-    The shipped reader, 16,000 photographed and 8,000 ink lines for 2 epochs (about 40 s of training after
-    about 8 minutes of photographing on 2 cores): its held-out photographed lines 94.3% -> 96.3% exact; the
-    recognition benchmark's 1,500 numbers 1,419 -> 1,432 exact, marks shown 451 -> 463 of 500.
+    The shipped reader, 16,000 photographed and 8,000 ink lines for 2 epochs (38 s of training after 451 s of
+    photographing on 2 threads): held-out photographed lines 94.3% -> 95.5% exact; the recognition benchmark's
+    1,500 numbers 1,419 -> 1,429 exact, marks shown 451 -> 470 of 500 (benchmarks/RESULTS.md).
     """
     from .data import load_dataset
 
