@@ -171,6 +171,14 @@ def wrap(network: nn.Module, device: torch.device) -> nn.Module:
 # their class's parameters, buffers and state_dict keys; only their class is switched while training.
 
 
+def _update_running(running_mean: torch.Tensor | None, running_var: torch.Tensor | None, mean: torch.Tensor,
+                    var: torch.Tensor, total: torch.Tensor, momentum: float) -> None:
+    """Batch norm's running statistics moved towards the whole batch's mean and unbiased variance."""
+    if running_mean is not None and running_var is not None:
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        unbiased = var * (total / (total - 1).clamp(min=1))
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm over the union of every process's batch: two all-reduces forward, one backward."""
 
@@ -191,10 +199,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         xhat = centered * invstd.view(shape)
         out = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
-        if running_mean is not None and running_var is not None:
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            unbiased = var * (total / (total - 1).clamp(min=1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        _update_running(running_mean, running_var, mean, var, total, momentum)
         ctx.save_for_backward(xhat, invstd, weight)
         ctx.total = total
         return out.to(x.dtype)
@@ -251,10 +256,7 @@ class _SyncBatchNormCPU(torch.autograd.Function):
         var = (counts * (variances + (means - mean).square())).sum(0) / total
         invstd = torch.rsqrt(var + eps)
         out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
-        if running_mean is not None and running_var is not None:
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            unbiased = var * (total / (total - 1).clamp(min=1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        _update_running(running_mean, running_var, mean, var, total, momentum)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.total, ctx.eps = total, eps
         return out

@@ -24,7 +24,8 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,22 @@ class Lines:
     """Many line images packed side by side (one uint8 array, 32 rows), their widths and digits."""
 
     pixels: np.ndarray  # (LINE_HEIGHT, total width)
-    starts: np.ndarray  # (n,) first column of each line
     widths: np.ndarray  # (n,)
     labels: np.ndarray  # (n, MAX_DIGITS) digits (MARK - 1 for a mark), -1 past each line's end
+    starts: np.ndarray = field(init=False)  # (n,) first column of each line
+
+    def __post_init__(self) -> None:
+        self.starts = np.concatenate([[0], np.cumsum(self.widths)[:-1]]).astype(np.int64)
+
+    @classmethod
+    def of(cls, images: list[np.ndarray], labels: np.ndarray) -> Lines:
+        """Line images (32 rows each) packed side by side, with their labels."""
+        return cls(np.concatenate(images, axis=1), np.array([image.shape[1] for image in images], np.int64), labels)
+
+    @classmethod
+    def joined(cls, *parts: Lines) -> Lines:
+        return cls(np.concatenate([part.pixels for part in parts], axis=1),
+                   np.concatenate([part.widths for part in parts]), np.concatenate([part.labels for part in parts]))
 
     def number(self, k: int) -> str:
         """Line ``k``'s truth as :class:`LineReading` writes it: digits, "?" for a mark."""
@@ -86,20 +100,26 @@ class Lines:
 def write_lines(x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Generator, marks: float = 0.0) -> Lines:
     """``count`` lines of 1-8 digits drawn from ``x``/``y`` (as many of each length), as the reader sees them;
     in a ``marks`` share of them one of the digits is a letter, symbol, scribble or smiley instead."""
+    return Lines.of(*_write_numbers(x, y, count, rng, marks, number_line_ink))
+
+
+def _write_numbers(x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Generator, marks: float,
+                   draw: Callable[[list[np.ndarray], np.random.Generator], np.ndarray], shortest: int = 1,
+                   first: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """``count`` numbers of ``shortest``-8 digits (as many of each length, counting from line ``first``), a
+    ``marks`` share with a mark, each drawn by ``draw`` into ink and made a line image; and their labels."""
     from .nondigits import MARK_KINDS, write_mark
 
     images, labels = [], np.full((count, MAX_DIGITS), -1, np.int8)
     for k in range(count):
-        chosen = rng.choice(len(x), k % MAX_DIGITS + 1, replace=False)
+        chosen = rng.choice(len(x), shortest + (first + k) % (MAX_DIGITS - shortest + 1), replace=False)
         written, truth = [x[i] for i in chosen], y[chosen]
         if marks and rng.random() < marks:
             truth = truth.copy()
             truth[write_mark(written, MARK_KINDS[int(rng.integers(len(MARK_KINDS)))], rng)] = MARK - 1
-        images.append(line_image(number_line_ink(written, rng)))
+        images.append(line_image(draw(written, rng)))
         labels[k, : len(chosen)] = truth
-    widths = np.array([image.shape[1] for image in images], np.int64)
-    starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
-    return Lines(np.concatenate(images, axis=1), starts, widths, labels)
+    return images, labels
 
 
 def write_photographed_lines(x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Generator,
@@ -118,45 +138,23 @@ def write_photographed_lines(x: np.ndarray, y: np.ndarray, count: int, rng: np.r
     chunks = [(start, min(250, count - start), int(seed))
               for start, seed in zip(range(0, count, 250), rng.integers(2**63, size=-(-count // 250)), strict=True)]
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        parts = list(pool.map(lambda chunk: _photographed(x, y, *chunk, marks), chunks))
-    images = [image for part in parts for image in part[0]]
-    labels = np.concatenate([part[1] for part in parts]) if parts else np.zeros((0, MAX_DIGITS), np.int8)
-    widths = np.array([image.shape[1] for image in images], np.int64)
-    starts = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(np.int64)
-    return Lines(np.concatenate(images, axis=1), starts, widths, labels)
+        parts = list(pool.map(lambda chunk: _write_numbers(x, y, chunk[1], np.random.default_rng(chunk[2]), marks,
+                                                           _photographed_ink, shortest=2, first=chunk[0]), chunks))
+    return Lines.of([image for part in parts for image in part[0]], np.concatenate([part[1] for part in parts]))
 
 
-def _photographed(x: np.ndarray, y: np.ndarray, start: int, count: int, seed: int,
-                  marks: float) -> tuple[list[np.ndarray], np.ndarray]:
+def _photographed_ink(written: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """The number photographed by ``render_number`` in a way of writing drawn at random, its ink found again."""
     import io
 
     from PIL import Image
 
-    from .nondigits import MARK_KINDS, write_mark
     from .preprocess import ink_map
     from .synthetic import CONDITIONS, condition_options, render_number
 
-    rng = np.random.default_rng(seed)
-    images, labels = [], np.full((count, MAX_DIGITS), -1, np.int8)
-    for k in range(count):
-        chosen = rng.choice(len(x), 2 + (start + k) % (MAX_DIGITS - 1), replace=False)
-        written, truth = [x[i] for i in chosen], y[chosen].astype(np.int8)
-        if marks and rng.random() < marks:
-            truth[write_mark(written, MARK_KINDS[int(rng.integers(len(MARK_KINDS)))], rng)] = MARK - 1
-        condition = CONDITIONS[int(rng.integers(len(CONDITIONS)))]
-        photo = render_number(written, rng, **condition_options(condition, rng))
-        grey = np.asarray(Image.open(io.BytesIO(photo)).convert("L"), np.float32) / 255
-        images.append(line_image(ink_map(grey)))
-        labels[k, : len(chosen)] = truth
-    return images, labels
-
-
-def _joined(*parts: Lines) -> Lines:
-    widths = np.concatenate([part.widths for part in parts])
-    starts = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(np.int64)
-    return Lines(np.concatenate([part.pixels for part in parts], axis=1), starts, widths,
-                 np.concatenate([part.labels for part in parts]))
-
+    condition = CONDITIONS[int(rng.integers(len(CONDITIONS)))]
+    photo = render_number(written, rng, **condition_options(condition, rng))
+    return ink_map(np.asarray(Image.open(io.BytesIO(photo)).convert("L"), np.float32) / 255)
 
 def _batches(lines: Lines, size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Shuffled batches of lines of similar width (sorted within chunks of 50 batches): little padding."""
@@ -256,7 +254,7 @@ def fine_tune_line_reader(folder: str | os.PathLike, photographed: int = 16_000,
     mnist = load_dataset("mnist", data_dir=data_dir)
     cut = len(mnist.x_train) - HOLDOUT
     started = time.perf_counter()
-    train = _joined(write_photographed_lines(mnist.x_train[:cut], mnist.y_train[:cut], photographed, rng, marks),
+    train = Lines.joined(write_photographed_lines(mnist.x_train[:cut], mnist.y_train[:cut], photographed, rng, marks),
                     write_lines(mnist.x_train[:cut], mnist.y_train[:cut], ink, rng, marks))
     check = write_photographed_lines(mnist.x_train[cut:], mnist.y_train[cut:], held_out, rng, marks)
     log(f"wrote {photographed:,} photographed and {ink:,} ink lines, {held_out:,} held-out photographed ones in "
