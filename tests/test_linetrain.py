@@ -108,6 +108,7 @@ def test_the_command_line_answers_bad_input_in_one_line(tmp_path, capsys):
                            (["--out", str(tmp_path / "r"), "--marks", "1.5"], "--marks: expected a share from 0"),
                            (["--out", str(tmp_path / "r"), "--fit-only"], "r/reader.json: missing"),
                            (["--out", str(tmp_path / "r"), "--fine-tune", "10"], "--fine-tune: expected at least 64"),
+                           (["--out", str(tmp_path / "r"), "--fine-tune", "2000000"], "--fine-tune: expected at most"),
                            (["--out", str(tmp_path / "r"), "--fine-tune", "64"], "r/reader.json: missing"),
                            (["--out", str(tmp_path / "r"), "--data-dir", str(tmp_path)], "no complete mnist files")):
         with pytest.raises(SystemExit) as stop:

@@ -53,6 +53,7 @@ from .linereader import (
 from .synthetic import number_line_ink
 
 MAX_DIGITS = 8
+MAX_FINE_TUNE = 1_000_000  # photographed numbers: about 15 hours on one core, 3.9 GB of line images (16,000: 62 MB)
 
 
 @dataclass
@@ -448,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, least in (("samples", 64), ("epochs", 1), ("numbers", 1), ("fine_tune", 64)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             parser.error(f"--{name.replace('_', '-')}: expected at least {least}, got {getattr(args, name)}")
+    if args.fine_tune is not None and args.fine_tune > MAX_FINE_TUNE:
+        parser.error(f"--fine-tune: expected at most {MAX_FINE_TUNE:,} numbers (about 55 ms each to photograph "
+                     f"on one core), got {args.fine_tune:,}")
     if not 0.0 <= args.marks < 1.0:
         parser.error(f"--marks: expected a share from 0 up to 1, got {args.marks}")
     from .errors import DeepDigitsError
