@@ -1,5 +1,6 @@
 import io
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,6 +152,19 @@ def test_another_count_is_taken_only_past_the_fitted_margin():
     line.document = {}  # no fitted combination: never another count
     line.others = -40.0
     assert combine(mine, found, line).number == "2"
+
+
+def test_digits_cut_as_one_refused_piece_are_read_by_a_sure_line_reader():
+    found, _ = _found_and_reading([(3, 0.6)])  # one piece of blank crop: refused by the model's checks
+    assert read_digits(found, line_reader=False).not_a_digit
+    line = _Line("39", [_one_hot(3, 0.99), _one_hot(9, 0.98)], -0.01, -50.0, {}, marks=True)
+    reading = read_digits(found, line_reader=line)
+    assert reading.number == "39" and not reading.not_a_digit and [d.digit for d in reading.digits] == [3, 9]
+    assert reading.digits[1].confidence == pytest.approx(0.98)
+    for number, log_probability in (("3?", -0.01), ("39", math.log(0.8)), ("3", -0.01)):
+        line.number, line.log_probability = number, log_probability  # a mark; unsure; no more digits than pieces
+        line.probabilities = np.array([_one_hot(3, 0.99), _one_hot(9, 0.98)][: len(number)])
+        assert read_digits(found, line_reader=line).not_a_digit
 
 
 def test_a_reader_trained_on_marks_decides_refused_pieces_with_the_segmenter():

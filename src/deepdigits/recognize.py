@@ -24,7 +24,7 @@ from .preprocess import ImageError, ink_map, load_image, normalise_digit
 from .segment import FoundDigits, find_digits
 
 if TYPE_CHECKING:
-    from .linereader import LineReader
+    from .linereader import LineReader, LineReading
 
 DEFAULT_MIN_CONFIDENCE = 0.5
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
@@ -256,8 +256,6 @@ def read_digits(found: FoundDigits, predictor: Predictor | None = None,
     for prediction, box in zip(digits, boxes, strict=True):
         prediction.box = box
     reading = _reading(digits, found.size)
-    if reading.not_a_digit:
-        return reading
     if line_reader is True:
         from .linereader import builtin_reader
 
@@ -265,7 +263,27 @@ def read_digits(found: FoundDigits, predictor: Predictor | None = None,
     reader = line_reader or None
     if reader is None or found.ink is None or not digits or tuple(model.class_names) != DIGIT_NAMES:
         return reading
+    if reading.not_a_digit:
+        return _joined_digits(reading, found, reader, min_confidence)
     return combine(reading, found, reader, min_confidence)
+
+
+JOINED_SURE = 0.9  # the line reader's probability of its reading, to name digits where every piece was refused
+
+
+def _joined_digits(reading: NumberReading, found: FoundDigits, reader: LineReader,
+                   min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> NumberReading:
+    """Every piece refused: digits that touch, cut as one piece, are not one digit either. Where the line reader
+    reads more digits than there are pieces, no mark among them, and is sure of it (``JOINED_SURE``), its
+    reading; else not a number. Of 3,000 photographed numbers of held-out digits, 3 were refused whole so,
+    each one piece the reader read as the right 2 digits at 0.996 or more; a fourth it read wrong at 0.24.
+    """
+    box = _ink_box(reading, found)
+    line = reader.read(found.ink, box)
+    if ("?" in line.number or len(line.number) <= len(reading.digits)
+            or not line.log_probability > math.log(JOINED_SURE)):
+        return reading
+    return _reading(_line_digits(line, found, box, min_confidence), reading.size)
 
 
 DIGIT_NAMES = tuple(str(d) for d in range(10))
@@ -323,15 +341,20 @@ def combine(reading: NumberReading, found: FoundDigits, reader: LineReader,
         return reading  # a letter among digits must not vanish into digits the line reader names
     if not line.log_probability - line.log_likelihood(reading.number) > margin:
         return reading  # (also where the line reader finds its own reading impossible: NaN or -inf)
+    return _reading(_line_digits(line, found, box, min_confidence), reading.size)
+
+
+def _line_digits(line: LineReading, found: FoundDigits, box: tuple[int, int, int, int],
+                 min_confidence: float) -> list[DigitPrediction]:
+    """The line reader's digits ("?" a mark), each with its probabilities and its box in the input image."""
     # the reader names a digit as its last strokes pass (its spans sit at each digit's right edge, as seen on
     # overlays): a digit runs from where the one before was named to where it is, the last to the ink's end
     ends = [stop for _, stop in line.columns]
     starts = [box[0], *ends[:-1]]
     ends[-1] = box[2]
     boxes = [_column_box(found, (a, b), box) for a, b in zip(starts, ends, strict=True)]
-    digits = [_prediction(p, DIGIT_NAMES, 3, min_confidence, reason=LETTER if named == "?" else None, box=b)
-              for p, named, b in zip(line.probabilities, line.number, boxes, strict=True)]
-    return _reading(digits, reading.size)
+    return [_prediction(p, DIGIT_NAMES, 3, min_confidence, reason=LETTER if named == "?" else None, box=b)
+            for p, named, b in zip(line.probabilities, line.number, boxes, strict=True)]
 
 
 def _reading(digits: list[DigitPrediction], size: tuple[int, int]) -> NumberReading:
