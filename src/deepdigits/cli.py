@@ -226,8 +226,8 @@ def add_train(commands) -> None:
                        help="train data-parallel in N processes on this machine, one thread each (torch's "
                        "elastic agent, as torchrun --standalone starts them); it pays only where other work "
                        "shares the cores: on free cores one process is quicker (benchmarks/RESULTS.md). For "
-                       "the ensemble recipe: train N members at "
-                       "once, each in its own process with 1/N of the cores (default: one per core and member)")
+                       "the ensemble recipe: train N members at once, each in its own process with 1/N of the "
+                       "cores (default: one per core and member)")
     _quiet_option(train)
     train.set_defaults(handler=cmd_train)
 

@@ -179,6 +179,7 @@ def _update_running(running_mean: torch.Tensor | None, running_var: torch.Tensor
         unbiased = var * (total / (total - 1).clamp(min=1))
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm over the union of every process's batch: two all-reduces forward, one backward."""
 

@@ -146,16 +146,12 @@ def write_photographed_lines(x: np.ndarray, y: np.ndarray, count: int, rng: np.r
 
 def _photographed_ink(written: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """The number photographed by ``render_number`` in a way of writing drawn at random, its ink found again."""
-    import io
-
-    from PIL import Image
-
-    from .preprocess import ink_map
+    from .preprocess import ink_map, load_image
     from .synthetic import CONDITIONS, condition_options, render_number
 
     condition = CONDITIONS[int(rng.integers(len(CONDITIONS)))]
-    photo = render_number(written, rng, **condition_options(condition, rng))
-    return ink_map(np.asarray(Image.open(io.BytesIO(photo)).convert("L"), np.float32) / 255)
+    return ink_map(load_image(render_number(written, rng, **condition_options(condition, rng))))
+
 
 def _batches(lines: Lines, size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Shuffled batches of lines of similar width (sorted within chunks of 50 batches): little padding."""
