@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import fused
 from .errors import DeepDigitsError
 
 INPUT_SHAPE = (1, 28, 28)  # every network takes (N, 1, 28, 28) floats; dense ones flatten first
@@ -143,6 +144,20 @@ class MaxPoolReLU(nn.MaxPool2d):
         return torch.relu(super().forward(x))
 
 
+class FusedSequential(nn.Sequential):
+    """``nn.Sequential`` that runs a leading one-channel 3x3 convolution, ``PooledReLU`` and ``MaxPoolReLU(2)``
+    as one fused CPU kernel (``fused.conv_pool_relu``) where one could be built: the same layers, parameter names
+    and function."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self)
+        if len(layers) >= 3 and fused.can_fuse(*layers[:3], x):
+            x, layers = fused.conv_pool_relu(layers[0], x), layers[3:]
+        for layer in layers:
+            x = layer(x)
+        return x
+
+
 # --------------------------------------------------------------------------- the tutorials' networks
 
 
@@ -186,8 +201,9 @@ def _tutorial_002() -> nn.Sequential:
 )
 def _tutorial_003() -> nn.Sequential:
     # Conv, relu, max-pool as the tutorial; the relu is applied after the pooling (the same function, see
-    # MaxPoolReLU), so parameter names and the summary are those of the plain layers.
-    return nn.Sequential(
+    # MaxPoolReLU), so parameter names and the summary are those of the plain layers. The first three run as one
+    # fused kernel on the CPU (FusedSequential).
+    return FusedSequential(
         nn.Conv2d(1, 32, 3), PooledReLU(), MaxPoolReLU(2),
         nn.Conv2d(32, 64, 3), PooledReLU(), MaxPoolReLU(2),
         # Keras flattens channels-last (H, W, C); the order does not change what the network can learn.
