@@ -102,12 +102,22 @@ class Dropout(nn.Dropout):
         if bits is None:
             return super().forward(x)
         n = x.numel()
-        draws = torch.empty(-(-n // 4) * 4, dtype=torch.int16)
-        draws.view(torch.int64).random_(-(2**63), None)  # all 64 bits random: four uniform 16-bit integers
         keep = torch.empty(n, dtype=bits)
-        torch.ge(draws[:n], round(self.p * 65536) - 32768, out=keep)  # 1 where kept, else 0
+        torch.ge(dropout_draws(n), dropout_threshold(self.p), out=keep)  # 1 where kept, else 0
         keep = keep.mul_(_scale_bits(self.p, x.dtype)).view(x.dtype).view(x.shape)  # 0 or the scale's bit pattern
         return x.mul_(keep) if self.inplace else x * keep
+
+
+def dropout_draws(n: int) -> torch.Tensor:
+    """``n`` uniform 16-bit integers for a dropout mask: all 64 bits of each of torch's draws, four per draw."""
+    draws = torch.empty(-(-n // 4) * 4, dtype=torch.int16)
+    draws.view(torch.int64).random_(-(2**63), None)
+    return draws[:n]
+
+
+def dropout_threshold(p: float) -> int:
+    """The least draw kept by dropout at rate ``p``: kept with probability 1 - round(p * 65536) / 65536."""
+    return round(p * 65536) - 32768
 
 
 # integers as wide as each floating dtype, for Dropout's mask
@@ -145,16 +155,29 @@ class MaxPoolReLU(nn.MaxPool2d):
 
 
 class FusedSequential(nn.Sequential):
-    """``nn.Sequential`` that runs a leading one-channel 3x3 convolution, ``PooledReLU`` and ``MaxPoolReLU(2)``
-    as one fused CPU kernel (``fused.conv_pool_relu``) where one could be built: the same layers, parameter names
-    and function."""
+    """``nn.Sequential`` that runs on the CPU, where the kernels of ``fused`` could be built: a leading one-channel
+    3x3 convolution, ``PooledReLU`` and ``MaxPoolReLU(2)`` as one kernel; ReLU then ``Dropout`` in training as
+    one; Linear layers through the bfloat16 copies a ``fused.Bf16Adam`` keeps, inside its training steps. The
+    same layers, parameter names and function."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        copies = fused.active_copies() if self.training and torch.is_grad_enabled() else None
         layers = list(self)
-        if len(layers) >= 3 and fused.can_fuse(*layers[:3], x):
-            x, layers = fused.conv_pool_relu(layers[0], x), layers[3:]
-        for layer in layers:
-            x = layer(x)
+        i = 0
+        if (len(layers) >= 3 and type(layers[0]) is nn.Conv2d and type(layers[1]) is PooledReLU
+                and type(layers[2]) is MaxPoolReLU and fused.can_fuse(layers[0], layers[2], x)):
+            x, i = fused.conv_pool_relu(layers[0], x), 3
+        while i < len(layers):
+            layer, following = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            if copies is not None and layer in copies:
+                x = nn.functional.linear(x, *copies[layer].current())
+            elif (type(layer) is nn.ReLU and isinstance(following, Dropout) and following.training
+                  and fused.can_fuse_relu_dropout(following.p, x)):
+                x = fused.relu_dropout(x, following.p)
+                i += 1
+            else:
+                x = layer(x)
+            i += 1
         return x
 
 
@@ -177,7 +200,7 @@ def _tutorial_000() -> nn.Sequential:
     aliases=("mlp-512-512-dropout",),
 )
 def _tutorial_001() -> nn.Sequential:
-    return nn.Sequential(
+    return FusedSequential(
         nn.Flatten(),
         nn.Linear(784, 512), nn.ReLU(), Dropout(0.2),
         nn.Linear(512, 512), nn.ReLU(), Dropout(0.2),

@@ -12,6 +12,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, fused
 from .augment import augment_batch
 from .device import (
     INFERENCE_BATCH,
@@ -326,7 +327,7 @@ class TrainingRun:
     batch_size: int
     augment: bool
     averaged: WeightAverage | None
-    autocast: torch.autocast
+    autocast: AbstractContextManager  # torch.autocast, or a fused.Bf16Adam's (autocast and weight copies)
     progress: ProgressBar
     shuffle: torch.Generator
     augment_rng: torch.Generator
@@ -636,7 +637,10 @@ def prepare(network: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: 
     if device.type == "cpu":
         keep_freed_memory()
     x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
+    precision = training_precision(bf16, device)
     opt = make_optimizer(optimizer, network.parameters(), learning_rate, weight_decay)
+    if world is None and precision == "bfloat16" and device.type == "cpu":
+        opt = fused.bf16_adam(network, opt)  # Adam over a dense network: in one pass with the bfloat16 weights
     steps = steps_per_epoch(len(x), batch_size, world_size)
     scheduler = make_schedule(schedule, opt, learning_rate, epochs * steps)
     averaged = WeightAverage(network, ema_decay) if ema_decay else None
@@ -644,13 +648,13 @@ def prepare(network: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: 
     shuffle = torch.Generator(device="cpu").manual_seed(seed)  # the same permutation on every process
     augment_rng = torch.Generator(device="cpu").manual_seed(rank_seed + 1)
     torch.manual_seed(rank_seed)  # dropout masks
-    precision = training_precision(bf16, device)
     inputs = training_inputs(network, x, precision, augment)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     run = TrainingRun(
         network=network, x=inputs, y=y, float_x=None if inputs is x else x, optimizer=opt, scheduler=scheduler,
         loss_fn=loss_fn, batch_size=batch_size,
         augment=augment, averaged=averaged,
-        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"),
+        autocast=autocast if not isinstance(opt, fused.Bf16Adam) else opt.autocast(autocast),
         progress=ProgressBar(epochs, steps, verbose), shuffle=shuffle, augment_rng=augment_rng,
         history=History(precision=precision), last_good=copy.deepcopy(network.state_dict()),
         memory_format=memory_format, rank=rank, world_size=world_size,
