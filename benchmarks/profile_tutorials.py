@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from deepdigits import load_dataset, models, train
+from deepdigits import fused, load_dataset, models, train
 from deepdigits.calibrate import held_out_range
 from deepdigits.classifier import Classifier, _labels
 from deepdigits.data import validation_split as split_last_fraction
@@ -155,6 +155,12 @@ def variant(name: str, tutorial: str, ds) -> tuple[train.TrainingRun, object, bo
                                             eps=group["eps"], weight_decay=group["weight_decay"])
     elif name == "float32-data":  # batches drawn from float32 images, cast by autocast each step
         run.x = run.float_x if run.float_x is not None else run.x
+    elif name == "torch-ops":  # no fused kernels: torch's layers, torch's Adam, autocast casting the weights
+        run.network = nn.Sequential(*run.network)
+        if isinstance(run.optimizer, fused.Bf16Adam | fused.Bf16RMSprop):
+            name = "adam" if isinstance(run.optimizer, fused.Bf16Adam) else "rmsprop"
+            run.optimizer = train.make_optimizer(name, run.network.parameters(), run.optimizer.param_groups[0]["lr"])
+            run.autocast = run.autocast.autocast
     elif name not in ("recipe", "bf16", "float32", "sync-every-step", "1-thread", "fp32-bf16-math",
                       "float32+fp32-bf16-math"):
         raise SystemExit(f"unknown variant {name!r}; expected one of: {', '.join(VARIANTS)}")
@@ -164,7 +170,7 @@ def variant(name: str, tutorial: str, ds) -> tuple[train.TrainingRun, object, bo
 
 VARIANTS = ("recipe", "bf16", "float32", "contiguous", "relu-then-pool", "torch-dropout", "sync-every-step",
             "compile", "bf16+compile", "1-thread", "fp32-bf16-math", "float32+fp32-bf16-math", "torch-rmsprop",
-            "float32-data")
+            "float32-data", "torch-ops")
 
 
 def settle(name: str, threads: int) -> None:

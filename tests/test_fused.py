@@ -12,7 +12,12 @@ from deepdigits import fused, train
 from deepdigits.device import native_bf16
 from deepdigits.models import FusedSequential, MaxPoolReLU, PooledReLU, build_model
 
-pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler here to build the fused kernel")
+
+@pytest.fixture(autouse=True)
+def _kernels_built():
+    """Built inside the test (into the isolated cache conftest sets up), not at collection into the user's."""
+    if fused.library() is None:
+        pytest.skip("no C compiler here to build the fused kernels")
 
 
 def _layers(channels: int = 32, seed: int = 0) -> tuple[nn.Conv2d, PooledReLU, MaxPoolReLU]:
@@ -186,17 +191,21 @@ def test_fused_sequential_runs_relu_then_dropout_as_one_only_in_training(monkeyp
     assert calls == [0.2, 0.2]
 
 
-def _adam_pair(seed: int = 0):
-    net = build_model("tutorial-001", seed=seed)
-    twin = nn.Sequential(*build_model("tutorial-001", seed=seed))
-    stock = torch.optim.Adam(twin.parameters(), lr=0.01, eps=1e-7)
-    ours = fused.bf16_adam(net, torch.optim.Adam(net.parameters(), lr=0.01, eps=1e-7))
-    return net, twin, stock, ours
+def _optimizer_pair(name: str = "adam", seed: int = 0):
+    """A tutorial network with a Bf16Adam or Bf16RMSprop, and a plain twin with torch's optimizer."""
+    net = build_model("tutorial-001" if name == "adam" else "tutorial-004", seed=seed)
+    twin = nn.Sequential(*build_model(net.architecture, seed=seed))
+    make = {"adam": lambda params: torch.optim.Adam(params, lr=0.01, eps=1e-7),
+            "rmsprop": lambda params: torch.optim.RMSprop(params, lr=0.01, alpha=0.9, eps=1e-7)}[name]
+    return net, twin, make(twin.parameters()), fused.bf16_optimizer(net, make(net.parameters()))
 
 
-def test_bf16_adam_is_torchs_adam_on_the_same_bfloat16_gradients():
-    net, twin, stock, ours = _adam_pair()
-    assert isinstance(ours, fused.Bf16Adam)
+@pytest.mark.parametrize(("name", "kind", "state_keys"), [
+    ("adam", fused.Bf16Adam, {"step", "exp_avg", "exp_avg_sq"}),
+    ("rmsprop", fused.Bf16RMSprop, {"step", "square_avg"})])
+def test_bf16_optimizers_are_torchs_on_the_same_bfloat16_gradients(name, kind, state_keys):
+    net, twin, stock, ours = _optimizer_pair(name)
+    assert isinstance(ours, kind)
     pairs = [(layer, other) for layer, other in zip(net, twin, strict=True) if isinstance(layer, nn.Linear)]
     torch.manual_seed(1)
     for _ in range(5):
@@ -214,12 +223,12 @@ def test_bf16_adam_is_torchs_adam_on_the_same_bfloat16_gradients():
             assert torch.allclose(param, twin_param, rtol=1e-5, atol=1e-6)
             assert torch.equal(copy, param.detach().to(torch.bfloat16))  # the copy kept current by the step
     state = ours.state_dict()
-    assert state["state"][0]["step"] == 5 and set(state["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
-    stock.load_state_dict(state)  # checkpoints load into torch's Adam and back
+    assert state["state"][0]["step"] == 5 and set(state["state"][0]) == state_keys
+    stock.load_state_dict(state)  # checkpoints load into torch's optimizer and back
 
 
 def test_weight_copies_follow_weights_changed_from_outside():
-    net, _, _, ours = _adam_pair()
+    net, _, _, ours = _optimizer_pair()
     layer = net[1]
     assert torch.equal(ours.copies[layer].current()[0], layer.weight.detach().to(torch.bfloat16))
     with torch.no_grad():
@@ -227,16 +236,18 @@ def test_weight_copies_follow_weights_changed_from_outside():
     assert torch.equal(ours.copies[layer].current()[0], layer.weight.detach().to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("case", ["sgd", "weight decay", "convolutional", "plain sequential"])
-def test_bf16_adam_only_for_plain_adam_over_a_dense_fused_sequential(case):
+@pytest.mark.parametrize("case", ["sgd", "weight decay", "convolutional", "plain sequential", "momentum"])
+def test_bf16_optimizers_only_for_plain_adam_or_rmsprop_over_a_dense_fused_sequential(case):
     net = build_model("tutorial-003" if case == "convolutional" else "tutorial-001", seed=0)
     if case == "plain sequential":
         net = nn.Sequential(*net)
     if case == "sgd":
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    elif case == "momentum":
+        opt = torch.optim.RMSprop(net.parameters(), lr=0.001, momentum=0.9)
     else:
         opt = torch.optim.Adam(net.parameters(), lr=0.001, weight_decay=0.01 if case == "weight decay" else 0.0)
-    assert fused.bf16_adam(net, opt) is opt
+    assert fused.bf16_optimizer(net, opt) is opt
 
 
 @pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="bfloat16 training only where the CPU computes it")

@@ -89,6 +89,7 @@ def library() -> ctypes.CDLL | None:
         "relu_dropout_forward": ([integer, pointer, ctypes.c_uint64, integer, real, pointer, length, integer], None),
         "relu_dropout_backward": ([integer, pointer, pointer, real, pointer, length, integer], None),
         "adam_bf16": ([*[pointer] * 5, length, *[real] * 6, integer], None),
+        "rmsprop_bf16": ([*[pointer] * 4, length, *[real] * 3, integer], None),
     }
     for name, (arguments, result) in signatures.items():
         function = getattr(lib, name)
@@ -248,15 +249,13 @@ def active_copies() -> dict[nn.Module, WeightCopy] | None:
     return getattr(_ACTIVE, "copies", None)
 
 
-class Bf16Adam(torch.optim.Adam):
-    """``torch.optim.Adam`` for a dense network trained under bfloat16 autocast on the CPU: each step reads the
-    bfloat16 gradients of the layers' ``WeightCopy`` and writes the float32 weights, Adam's moments and the
-    bfloat16 copy in one pass of the fused kernel. Autocast's casts of the weights to bfloat16 and of their
-    gradients back, and torch's Adam step, cost about a fifth of tutorial 001's training step. The state is
-    Adam's own (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints load either way."""
+class _WeightCopies:
+    """What ``Bf16Adam`` and ``Bf16RMSprop`` share: a ``WeightCopy`` per Linear layer of the network, the context
+    in which the forward pass uses them, and their gradients to clear and to read."""
 
-    def __init__(self, network: nn.Module, lr: float, betas: tuple[float, float], eps: float):
-        super().__init__(network.parameters(), lr=lr, betas=betas, eps=eps, foreach=False)
+    copies: dict[nn.Module, WeightCopy]
+
+    def _copy_weights(self, network: nn.Module) -> None:
         self.copies = {layer: WeightCopy(layer) for layer in network.children() if isinstance(layer, nn.Linear)}
 
     def autocast(self, autocast: torch.autocast) -> _CopiesInUse:
@@ -272,30 +271,75 @@ class Bf16Adam(torch.optim.Adam):
                 elif copy.grad is not None:
                     copy.grad.zero_()
 
+    def _through_copies(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(weight, its copy, the copy's contiguous gradient) for each copy with a gradient."""
+        return [(param, copy, copy.grad if copy.grad.is_contiguous() else copy.grad.contiguous())
+                for weights in self.copies.values()
+                for param, copy in zip(weights.params, weights.copies, strict=True) if copy.grad is not None]
+
+    def _own_gradients(self) -> bool:
+        """Whether any weight has a float32 gradient of its own (none when every step goes through the copies)."""
+        return any(p.grad is not None for group in self.param_groups for p in group["params"])
+
+
+class Bf16Adam(_WeightCopies, torch.optim.Adam):
+    """``torch.optim.Adam`` for a dense network trained under bfloat16 autocast on the CPU: each step reads the
+    bfloat16 gradients of the layers' ``WeightCopy`` and writes the float32 weights, Adam's moments and the
+    bfloat16 copy in one pass of the fused kernel. Autocast's casts of the weights to bfloat16 and of their
+    gradients back, and torch's Adam step, cost about a fifth of tutorial 001's training step. The state is
+    Adam's own (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints load either way."""
+
+    def __init__(self, network: nn.Module, lr: float, betas: tuple[float, float], eps: float):
+        super().__init__(network.parameters(), lr=lr, betas=betas, eps=eps, foreach=False)
+        self._copy_weights(network)
+
     @torch.no_grad()
     def step(self, closure=None):
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
         lr, threads = float(group["lr"]), torch.get_num_threads()
-        updates = [(param, copy) for weights in self.copies.values()
-                   for param, copy in zip(weights.params, weights.copies, strict=True) if copy.grad is not None]
-        for param, _ in updates:
+        updates = self._through_copies()
+        for param, _, _ in updates:
             if not self.state[param]:
                 self.state[param].update(step=torch.zeros((), dtype=torch.float32),
                                          exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
                                          exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format))
-        steps = [self.state[param]["step"] for param, _ in updates]
+        steps = [self.state[param]["step"] for param, _, _ in updates]
         if steps:
             torch._foreach_add_(steps, 1.0)
-        for (param, copy), step in zip(updates, steps, strict=True):
+        for (param, copy, grad), step in zip(updates, steps, strict=True):
             state, t = self.state[param], float(step)
-            grad = copy.grad if copy.grad.is_contiguous() else copy.grad.contiguous()
             library().adam_bf16(param.data_ptr(), grad.data_ptr(), state["exp_avg"].data_ptr(),
                                 state["exp_avg_sq"].data_ptr(), copy.data_ptr(), param.numel(), lr, beta1,
                                 beta2, group["eps"], 1.0 - beta1**t, math.sqrt(1.0 - beta2**t), threads)
-        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
-            return super().step(closure)  # weights with float32 gradients of their own (none through the copies)
-        return None
+        return super().step(closure) if self._own_gradients() else None
+
+
+class Bf16RMSprop(_WeightCopies, torch.optim.RMSprop):
+    """``torch.optim.RMSprop`` (no momentum, not centred) as ``Bf16Adam`` is Adam: one pass of the fused kernel
+    from the copies' bfloat16 gradients to the float32 weights, the mean square and the copies. RMSprop's own
+    state (``step``, ``square_avg``)."""
+
+    def __init__(self, network: nn.Module, lr: float, alpha: float, eps: float):
+        super().__init__(network.parameters(), lr=lr, alpha=alpha, eps=eps, foreach=False)
+        self._copy_weights(network)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        group = self.param_groups[0]
+        updates = self._through_copies()
+        for param, _, _ in updates:
+            if not self.state[param]:
+                self.state[param].update(step=torch.zeros((), dtype=torch.float32),
+                                         square_avg=torch.zeros_like(param, memory_format=torch.preserve_format))
+        steps = [self.state[param]["step"] for param, _, _ in updates]
+        if steps:
+            torch._foreach_add_(steps, 1.0)
+        lr, threads = float(group["lr"]), torch.get_num_threads()
+        for param, copy, grad in updates:
+            library().rmsprop_bf16(param.data_ptr(), grad.data_ptr(), self.state[param]["square_avg"].data_ptr(),
+                                   copy.data_ptr(), param.numel(), lr, group["alpha"], group["eps"], threads)
+        return super().step(closure) if self._own_gradients() else None
 
 
 class _CopiesInUse:
@@ -314,16 +358,17 @@ class _CopiesInUse:
         return self.autocast.__exit__(*exc)
 
 
-def bf16_adam(network: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """A ``Bf16Adam`` in place of ``optimizer`` where it is torch's plain Adam (one group, no weight decay) over a
-    ``FusedSequential`` of Linear layers on the CPU and the kernels could be built; else ``optimizer`` itself."""
+def bf16_optimizer(network: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """A ``Bf16Adam`` or ``Bf16RMSprop`` in place of ``optimizer`` where it is plain Adam or RMSprop (one group, no
+    weight decay, no momentum) over a ``FusedSequential`` of Linear layers on the CPU and the kernels could be
+    built; else ``optimizer`` itself."""
     from .models import FusedSequential
 
-    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1 or optimizer.state:
+    if len(optimizer.param_groups) != 1 or optimizer.state:
         return optimizer
     group = optimizer.param_groups[0]
-    plain = (group["weight_decay"] == 0 and not group["amsgrad"] and not group["maximize"]
-             and not group["capturable"] and not group["differentiable"] and isinstance(group["lr"], float))
+    plain = (group["weight_decay"] == 0 and not group.get("maximize") and not group.get("capturable")
+             and not group.get("differentiable") and isinstance(group["lr"], float))
     layers = [m for m in network.children() if isinstance(m, nn.Linear)] if isinstance(network, FusedSequential) else []
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
     dense = (bool(layers) and all(layer.bias is not None for layer in layers)
@@ -331,4 +376,8 @@ def bf16_adam(network: nn.Module, optimizer: torch.optim.Optimizer) -> torch.opt
              and all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() for p in params))
     if not (plain and dense and library() is not None):
         return optimizer
-    return Bf16Adam(network, lr=group["lr"], betas=group["betas"], eps=group["eps"])
+    if type(optimizer) is torch.optim.Adam and not group["amsgrad"]:
+        return Bf16Adam(network, lr=group["lr"], betas=group["betas"], eps=group["eps"])
+    if isinstance(optimizer, torch.optim.RMSprop) and not group["momentum"] and not group["centered"]:
+        return Bf16RMSprop(network, lr=group["lr"], alpha=group["alpha"], eps=group["eps"])
+    return optimizer

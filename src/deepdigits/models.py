@@ -157,8 +157,8 @@ class MaxPoolReLU(nn.MaxPool2d):
 class FusedSequential(nn.Sequential):
     """``nn.Sequential`` that runs on the CPU, where the kernels of ``fused`` could be built: a leading one-channel
     3x3 convolution, ``PooledReLU`` and ``MaxPoolReLU(2)`` as one kernel; ReLU then ``Dropout`` in training as
-    one; Linear layers through the bfloat16 copies a ``fused.Bf16Adam`` keeps, inside its training steps. The
-    same layers, parameter names and function."""
+    one; Linear layers through the bfloat16 copies a ``fused.Bf16Adam`` or ``Bf16RMSprop`` keeps, inside its
+    training steps. The same layers, parameter names and function."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         copies = fused.active_copies() if self.training and torch.is_grad_enabled() else None
@@ -237,7 +237,7 @@ def _tutorial_003() -> nn.Sequential:
 
 @register("tutorial-004", "Dense 512 relu, Dense 10 softmax", aliases=("mlp-512",))
 def _tutorial_004() -> nn.Sequential:
-    return nn.Sequential(
+    return FusedSequential(
         nn.Flatten(),
         nn.Linear(784, 512), nn.ReLU(),
         nn.Linear(512, N_CLASSES),

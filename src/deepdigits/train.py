@@ -640,7 +640,7 @@ def prepare(network: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: 
     precision = training_precision(bf16, device)
     opt = make_optimizer(optimizer, network.parameters(), learning_rate, weight_decay)
     if world is None and precision == "bfloat16" and device.type == "cpu":
-        opt = fused.bf16_adam(network, opt)  # Adam over a dense network: in one pass with the bfloat16 weights
+        opt = fused.bf16_optimizer(network, opt)  # over a dense network: in one pass with bfloat16 weights
     steps = steps_per_epoch(len(x), batch_size, world_size)
     scheduler = make_schedule(schedule, opt, learning_rate, epochs * steps)
     averaged = WeightAverage(network, ema_decay) if ema_decay else None
@@ -654,7 +654,7 @@ def prepare(network: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: 
         network=network, x=inputs, y=y, float_x=None if inputs is x else x, optimizer=opt, scheduler=scheduler,
         loss_fn=loss_fn, batch_size=batch_size,
         augment=augment, averaged=averaged,
-        autocast=autocast if not isinstance(opt, fused.Bf16Adam) else opt.autocast(autocast),
+        autocast=opt.autocast(autocast) if isinstance(opt, fused.Bf16Adam | fused.Bf16RMSprop) else autocast,
         progress=ProgressBar(epochs, steps, verbose), shuffle=shuffle, augment_rng=augment_rng,
         history=History(precision=precision), last_good=copy.deepcopy(network.state_dict()),
         memory_format=memory_format, rank=rank, world_size=world_size,

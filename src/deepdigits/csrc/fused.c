@@ -261,3 +261,27 @@ void adam_bf16(float *restrict param, const uint16_t *restrict grad, float *rest
         }
     }
 }
+
+// One RMSprop step (torch's, no momentum, not centred: v = alpha v + (1 - alpha) g^2; p -= lr g / (sqrt(v) + eps))
+// on float32 weights from bfloat16 gradients, then the weights' bfloat16 copy.
+void rmsprop_bf16(float *restrict param, const uint16_t *restrict grad, float *restrict v, uint16_t *restrict copy,
+                  long n, float lr, float alpha, float eps, int threads) {
+    float w = 1.0f - alpha;
+    long chunk = 4096;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 32768)
+    for (long start = 0; start < n; start += chunk) {
+        long stop = start + chunk < n ? start + chunk : n;
+        for (long i = start; i < stop; i++) {
+            uint32_t bits = (uint32_t)grad[i] << 16;
+            float g;
+            memcpy(&g, &bits, sizeof g);
+            float vi = alpha * v[i] + w * g * g;
+            float p = param[i] - lr * g / (sqrtf(vi) + eps);
+            v[i] = vi;
+            param[i] = p;
+            uint32_t u;
+            memcpy(&u, &p, sizeof u);
+            copy[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // an arithmetic NaN stays NaN
+        }
+    }
+}
