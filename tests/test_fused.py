@@ -87,6 +87,26 @@ def test_ties_go_to_the_first_of_the_window_as_in_torchs_max_pooling():
     assert torch.equal(got_weight, weight_grad) and torch.equal(got_bias, bias_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_comes_through_as_in_torch_so_a_diverging_run_is_seen(mnist, dtype):
+    conv, _, _ = _layers()
+    x = _images(mnist, 4, dtype)
+    x[0, 0, 10, 10] = float("nan")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        expected = _torch_way(conv, x)
+        got = fused.conv_pool_relu(conv, x)
+    assert got.isnan().sum() > 0 and not (got.isnan() & ~expected.isnan()).any()
+    if dtype == torch.float32:
+        assert torch.equal(got.isnan(), expected.isnan())
+    # oneDNN's bfloat16 convolution spreads a NaN one column further than the 3x3 kernel reaches (its AMX kernel
+    # pairs pixels along a row); everywhere else the values agree
+    both = ~expected.isnan()
+    assert torch.allclose(got[both].float(), expected[both].float(), atol=1e-6)
+    z = torch.tensor([float("nan"), 1.0, -1.0] * 32, dtype=dtype)
+    out = fused.relu_dropout(z, 0.5)
+    assert out[0::3].isnan().all() and not out[1::3].isnan().any()
+
+
 def test_bfloat16_gradients_agree_with_torchs_to_bfloat16_precision(mnist):
     conv, _, _ = _layers()
     x = _images(mnist, dtype=torch.bfloat16)

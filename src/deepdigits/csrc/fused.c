@@ -97,12 +97,12 @@ void convpool_forward(int bf16, const void *x, const float *wt, const float *b, 
                     if (o == 0) {
                         best = sum;
                     } else {
-                        vi larger = (vi)(sum > best);
+                        vi larger = (vi)(sum > best) | (vi)(sum != sum);  // NaN wins, as in torch
                         best = select_f(larger, sum, best);
                         won = select_i(larger, (vi){0} + o, won);
                     }
                 }
-                vi alive = (vi)(best > 0.0f);
+                vi alive = (vi)(best > 0.0f) | (vi)(best != best);  // relu(NaN) is NaN
                 vf out = select_f(alive, best, (vf){0});
                 vb won8 = __builtin_convertvector(select_i(alive, won, (vi){0} + DEAD), vb);
                 memcpy(arg + at + k0, &won8, sizeof won8);
@@ -203,7 +203,7 @@ void relu_dropout_forward(int bf16, const void *z, uint64_t seed, int threshold,
             vs d;
             memcpy(&d, draws + half, sizeof d);
             vi keep = (__builtin_convertvector(d, vi) >= threshold) & (vi)(v > 0.0f);
-            vf r = select_f(keep, v * scale, (vf){0});
+            vf r = select_f(keep | (vi)(v != v), v * scale, (vf){0});  // NaN stays NaN, as relu(NaN) * 0 does
             if (bf16) store_bf16((uint16_t *)out + i + half, round_bf16(r));
             else store_f((float *)out + i + half, r);
         }
@@ -211,11 +211,11 @@ void relu_dropout_forward(int bf16, const void *z, uint64_t seed, int threshold,
     for (long i = full; i < n; i++) {
         int16_t draw = (int16_t)(uint16_t)(splitmix64(seed, (uint64_t)(i / 4)) >> (16 * (i % 4)));
         float v = load_one(bf16, z, i);
-        store_one(bf16, out, i, (v > 0.0f && draw >= threshold) ? v * scale : 0.0f);
+        store_one(bf16, out, i, ((v > 0.0f && draw >= threshold) || v != v) ? v * scale : 0.0f);
     }
 }
 
-// grad_in = grad * scale where out > 0, else 0 (out > 0 exactly where ReLU passed and dropout kept)
+// grad_in = grad * scale where out > 0 (exactly where ReLU passed and dropout kept) or out is NaN, else 0
 void relu_dropout_backward(int bf16, const void *out, const void *grad, float scale, void *grad_in, long n,
                            int threads) {
     long full = n / LANES * LANES;
@@ -223,12 +223,13 @@ void relu_dropout_backward(int bf16, const void *out, const void *grad, float sc
     for (long i = 0; i < full; i += LANES) {
         vf o = bf16 ? load_bf16((const uint16_t *)out + i) : load_f((const float *)out + i);
         vf g = bf16 ? load_bf16((const uint16_t *)grad + i) : load_f((const float *)grad + i);
-        vf r = select_f((vi)(o > 0.0f), g * scale, (vf){0});
+        vf r = select_f((vi)(o > 0.0f) | (vi)(o != o), g * scale, (vf){0});
         if (bf16) store_bf16((uint16_t *)grad_in + i, round_bf16(r));
         else store_f((float *)grad_in + i, r);
     }
     for (long i = full; i < n; i++)
-        store_one(bf16, grad_in, i, load_one(bf16, out, i) > 0.0f ? load_one(bf16, grad, i) * scale : 0.0f);
+        store_one(bf16, grad_in, i, (load_one(bf16, out, i) > 0.0f || load_one(bf16, out, i) != load_one(bf16, out, i))
+                                        ? load_one(bf16, grad, i) * scale : 0.0f);
 }
 
 // ---------------------------------------------------------------------------------------------- Adam
