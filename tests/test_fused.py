@@ -331,3 +331,11 @@ def test_tutorial_003_learns_with_the_fused_kernel(mnist, monkeypatch):
     clf.fit(mnist.x_train[:3000], mnist.y_train[:3000], epochs=3, batch_size=64, verbose=0)
     assert sum(calls) == 3 * 3000  # every training image of every epoch went through the kernel
     assert clf.score(mnist.x_test[:1000], mnist.y_test[:1000]) > 0.9  # 0.917 here, 0.918 in torch's kernels
+
+
+def test_training_says_whether_the_kernels_run(monkeypatch):
+    assert fused.describe().startswith("fused CPU kernels")
+    monkeypatch.setattr(fused, "library", lambda: None)
+    assert fused.describe().startswith("torch's operations (no C compiler")
+    monkeypatch.setenv(fused.DISABLE, "0")
+    assert fused.describe() == "torch's operations (DEEPDIGITS_FUSED=0)"

@@ -395,6 +395,12 @@ def train_recipe(
         print(f"Recipe: {chosen.name} — {chosen.description}", file=sys.stderr)
         print(f"Settings: {settings_text(chosen, base)}", file=sys.stderr)
     clf = Classifier.from_recipe(chosen, class_names=ds.class_names)
+    if verbose and default_device().type == "cpu":
+        from . import fused
+        from .models import FusedSequential
+
+        if isinstance(clf.network, FusedSequential):
+            print(f"Kernels: {fused.describe()}", file=sys.stderr)
     clf.dataset = {"name": ds.name, "source": ds.source, "sha256": ds.checksums}
     clf.extra["distributed"] = world.describe() if world else {"world_size": 1, "backend": None}
     data = {"name": ds.name, "sha256": dict(ds.checksums), "train_images": len(ds.x_train)}

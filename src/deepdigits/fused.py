@@ -97,6 +97,15 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def describe() -> str:
+    """Whether this network's layers run in the fused kernels here, as the training output says it."""
+    if library() is not None:
+        return "fused CPU kernels (built with the system's C compiler; DEEPDIGITS_FUSED=0 turns them off)"
+    if os.environ.get(DISABLE, "1") == "0":
+        return "torch's operations (DEEPDIGITS_FUSED=0)"
+    return "torch's operations (no C compiler with OpenMP found to build the fused kernels: about 1.3x slower)"
+
+
 def _bf16_autocast() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
