@@ -247,6 +247,23 @@ def test_bf16_optimizers_are_torchs_on_the_same_bfloat16_gradients(name, kind, s
     stock.load_state_dict(state)  # checkpoints load into torch's optimizer and back
 
 
+def test_a_non_contiguous_moment_from_a_checkpoint_is_made_contiguous_before_the_kernel_writes_it():
+    net, _, _, ours = _optimizer_pair()
+    twin_net, _, _, twin = _optimizer_pair()
+    for optimizer in (ours, twin):
+        for weights in optimizer.copies.values():
+            for copy in weights.current():
+                copy.grad = torch.full(copy.shape, 0.5, dtype=torch.bfloat16)
+        optimizer.step()
+    state = ours.state[net[1].weight]
+    state["exp_avg"] = state["exp_avg"].t().contiguous().t()  # the same values, column-major
+    assert not state["exp_avg"].is_contiguous()
+    for optimizer in (ours, twin):
+        optimizer.step()
+    assert ours.state[net[1].weight]["exp_avg"].is_contiguous()
+    assert torch.equal(net[1].weight, twin_net[1].weight)
+
+
 def test_weight_copies_follow_weights_changed_from_outside():
     net, _, _, ours = _optimizer_pair()
     layer = net[1]

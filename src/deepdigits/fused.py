@@ -286,6 +286,19 @@ class _WeightCopies:
                 for weights in self.copies.values()
                 for param, copy in zip(weights.params, weights.copies, strict=True) if copy.grad is not None]
 
+    def _kernel_ready(self, param: torch.Tensor, *names: str) -> dict:
+        """``param``'s state with the kernel's tensors ``names`` in place: zeros at first, and contiguous, as the
+        kernel writes them by pointer (a loaded checkpoint's might not be)."""
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            for name in names:
+                state[name] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        for name in names:
+            if not state[name].is_contiguous():
+                state[name] = state[name].contiguous()
+        return state
+
     def _own_gradients(self) -> bool:
         """Whether any weight has a float32 gradient of its own (none when every step goes through the copies)."""
         return any(p.grad is not None for group in self.param_groups for p in group["params"])
@@ -308,16 +321,11 @@ class Bf16Adam(_WeightCopies, torch.optim.Adam):
         beta1, beta2 = group["betas"]
         lr, threads = float(group["lr"]), torch.get_num_threads()
         updates = self._through_copies()
-        for param, _, _ in updates:
-            if not self.state[param]:
-                self.state[param].update(step=torch.zeros((), dtype=torch.float32),
-                                         exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
-                                         exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format))
-        steps = [self.state[param]["step"] for param, _, _ in updates]
-        if steps:
-            torch._foreach_add_(steps, 1.0)
-        for (param, copy, grad), step in zip(updates, steps, strict=True):
-            state, t = self.state[param], float(step)
+        states = [self._kernel_ready(param, "exp_avg", "exp_avg_sq") for param, _, _ in updates]
+        if states:
+            torch._foreach_add_([state["step"] for state in states], 1.0)
+        for (param, copy, grad), state in zip(updates, states, strict=True):
+            t = float(state["step"])
             library().adam_bf16(param.data_ptr(), grad.data_ptr(), state["exp_avg"].data_ptr(),
                                 state["exp_avg_sq"].data_ptr(), copy.data_ptr(), param.numel(), lr, beta1,
                                 beta2, group["eps"], 1.0 - beta1**t, math.sqrt(1.0 - beta2**t), threads)
@@ -337,16 +345,12 @@ class Bf16RMSprop(_WeightCopies, torch.optim.RMSprop):
     def step(self, closure=None):
         group = self.param_groups[0]
         updates = self._through_copies()
-        for param, _, _ in updates:
-            if not self.state[param]:
-                self.state[param].update(step=torch.zeros((), dtype=torch.float32),
-                                         square_avg=torch.zeros_like(param, memory_format=torch.preserve_format))
-        steps = [self.state[param]["step"] for param, _, _ in updates]
-        if steps:
-            torch._foreach_add_(steps, 1.0)
+        states = [self._kernel_ready(param, "square_avg") for param, _, _ in updates]
+        if states:
+            torch._foreach_add_([state["step"] for state in states], 1.0)
         lr, threads = float(group["lr"]), torch.get_num_threads()
-        for param, copy, grad in updates:
-            library().rmsprop_bf16(param.data_ptr(), grad.data_ptr(), self.state[param]["square_avg"].data_ptr(),
+        for (param, copy, grad), state in zip(updates, states, strict=True):
+            library().rmsprop_bf16(param.data_ptr(), grad.data_ptr(), state["square_avg"].data_ptr(),
                                    copy.data_ptr(), param.numel(), lr, group["alpha"], group["eps"], threads)
         return super().step(closure) if self._own_gradients() else None
 

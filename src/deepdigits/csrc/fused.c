@@ -227,12 +227,20 @@ void relu_dropout_backward(int bf16, const void *out, const void *grad, float sc
         if (bf16) store_bf16((uint16_t *)grad_in + i, round_bf16(r));
         else store_f((float *)grad_in + i, r);
     }
-    for (long i = full; i < n; i++)
-        store_one(bf16, grad_in, i, (load_one(bf16, out, i) > 0.0f || load_one(bf16, out, i) != load_one(bf16, out, i))
-                                        ? load_one(bf16, grad, i) * scale : 0.0f);
+    for (long i = full; i < n; i++) {
+        float o = load_one(bf16, out, i);
+        store_one(bf16, grad_in, i, (o > 0.0f || o != o) ? load_one(bf16, grad, i) * scale : 0.0f);
+    }
 }
 
-// ---------------------------------------------------------------------------------------------- Adam
+// ---------------------------------------------------------------------------------------------- Adam, RMSprop
+
+// A weight rounded to bfloat16 (nearest, ties to even; an arithmetic NaN stays NaN), branch-free to vectorise.
+static inline uint16_t bf16_of_weight(float p) {
+    uint32_t u;
+    memcpy(&u, &p, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
 
 // One Adam step (torch's: m += (1 - beta1)(g - m); v = beta2 v + (1 - beta2) g^2; p -= lr / bc1 * m /
 // (sqrt(v) / sqrt(bc2) + eps)) on float32 weights from bfloat16 gradients, then the weights' bfloat16 copy.
@@ -242,24 +250,13 @@ void adam_bf16(float *restrict param, const uint16_t *restrict grad, float *rest
                uint16_t *restrict copy, long n, float lr, float beta1, float beta2, float eps, float bc1,
                float bc2_sqrt, int threads) {
     float step_size = lr / bc1, w1 = 1.0f - beta1, w2 = 1.0f - beta2;
-    long chunk = 4096;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 32768)
-    for (long start = 0; start < n; start += chunk) {
-        long stop = start + chunk < n ? start + chunk : n;
-        for (long i = start; i < stop; i++) {
-            uint32_t bits = (uint32_t)grad[i] << 16;
-            float g;
-            memcpy(&g, &bits, sizeof g);
-            float mi = m[i] + w1 * (g - m[i]);
-            float vi = beta2 * v[i] + w2 * g * g;
-            float p = param[i] - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
-            m[i] = mi;
-            v[i] = vi;
-            param[i] = p;
-            uint32_t u;
-            memcpy(&u, &p, sizeof u);
-            copy[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // an arithmetic NaN stays NaN
-        }
+    #pragma omp parallel for simd schedule(static) num_threads(threads) if (n >= 32768)
+    for (long i = 0; i < n; i++) {
+        float g = bf16_to_float(grad[i]);
+        m[i] += w1 * (g - m[i]);
+        v[i] = beta2 * v[i] + w2 * g * g;
+        param[i] -= step_size * m[i] / (sqrtf(v[i]) / bc2_sqrt + eps);
+        copy[i] = bf16_of_weight(param[i]);
     }
 }
 
@@ -268,21 +265,11 @@ void adam_bf16(float *restrict param, const uint16_t *restrict grad, float *rest
 void rmsprop_bf16(float *restrict param, const uint16_t *restrict grad, float *restrict v, uint16_t *restrict copy,
                   long n, float lr, float alpha, float eps, int threads) {
     float w = 1.0f - alpha;
-    long chunk = 4096;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 32768)
-    for (long start = 0; start < n; start += chunk) {
-        long stop = start + chunk < n ? start + chunk : n;
-        for (long i = start; i < stop; i++) {
-            uint32_t bits = (uint32_t)grad[i] << 16;
-            float g;
-            memcpy(&g, &bits, sizeof g);
-            float vi = alpha * v[i] + w * g * g;
-            float p = param[i] - lr * g / (sqrtf(vi) + eps);
-            v[i] = vi;
-            param[i] = p;
-            uint32_t u;
-            memcpy(&u, &p, sizeof u);
-            copy[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // an arithmetic NaN stays NaN
-        }
+    #pragma omp parallel for simd schedule(static) num_threads(threads) if (n >= 32768)
+    for (long i = 0; i < n; i++) {
+        float g = bf16_to_float(grad[i]);
+        v[i] = alpha * v[i] + w * g * g;
+        param[i] -= lr * g / (sqrtf(v[i]) + eps);
+        copy[i] = bf16_of_weight(param[i]);
     }
 }
