@@ -31,11 +31,14 @@ def interrupt_in_epoch(monkeypatch, stop: int):
     return lambda: monkeypatch.setattr(train.TrainingRun, "train_epoch", original)
 
 
-def test_a_run_interrupted_and_resumed_from_python_ends_as_the_uninterrupted_one(tiny, tmp_path, monkeypatch):
+# 001 and 004 train through the fused kernels where they can be built (ReLU-dropout, bfloat16 weight copies)
+@pytest.mark.parametrize("recipe", ["tutorial-004", "tutorial-001"])
+def test_a_run_interrupted_and_resumed_from_python_ends_as_the_uninterrupted_one(recipe, tiny, tmp_path,
+                                                                                  monkeypatch):
     _, source = tiny
     out = tmp_path / "run"
     no_more_interruptions = interrupt_in_epoch(monkeypatch, 2)
-    clf = train_run("tutorial-004", out, dataset="tiny", data_dir=source, epochs=3, verbose=0, figures=False)
+    clf = train_run(recipe, out, dataset="tiny", data_dir=source, epochs=3, verbose=0, figures=False)
     assert clf.interrupted and len(clf.history) == 1
     # the bundle holds epoch 1, the checkpoint stays for resume
     assert json.loads((out / "model.json").read_text())["interrupted"] is True
@@ -46,7 +49,7 @@ def test_a_run_interrupted_and_resumed_from_python_ends_as_the_uninterrupted_one
     resumed = train_run(resume=out, data_dir=source, verbose=0, figures=False)
     assert not resumed.interrupted and [e["epoch"] for e in resumed.history] == [1, 2, 3]
     assert not (out / "checkpoint").exists()  # removed with the finished run's bundle
-    uninterrupted = train_recipe("tutorial-004", dataset="tiny", data_dir=source, epochs=3, verbose=0)
+    uninterrupted = train_recipe(recipe, dataset="tiny", data_dir=source, epochs=3, verbose=0)
     assert same_tensors(uninterrupted.network.state_dict(), resumed.network.state_dict())
     from safetensors.torch import load_file
 
