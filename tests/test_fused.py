@@ -197,6 +197,87 @@ def test_relu_dropout_masks_follow_torchs_seed_and_not_the_length():
     assert torch.equal(first, again) and torch.equal(shorter, first[:40])
 
 
+def _torch_tail(x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(MaxPoolReLU(2)(x), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [(11, 11), (12, 12), (10, 7)])
+def test_pool_relu_dropout_is_torchs_layers_with_a_mask_bit_for_bit(dtype, size):
+    # odd sizes drop the last row or column, as max_pool2d's floor does; (10, 7): not square
+    torch.manual_seed(0)
+    x = torch.randn(32, 64, *size).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = fused.pool_relu_dropout(x, 0.5)
+    reference = _torch_tail(x.detach())
+    assert out.shape == reference.shape and out.dtype == dtype
+    kept = out != 0
+    scale = fused._scale(0.5, dtype)
+    assert torch.equal(out[kept], (reference * scale).to(dtype)[kept])
+    assert not kept[reference <= 0].any()
+    assert 0.45 < kept[reference > 0].float().mean().item() < 0.55
+    grad = torch.randn(out.shape).to(dtype)
+    out.backward(grad)
+    same = x.detach().clone().requires_grad_()
+    (_torch_tail(same) * (kept.to(dtype) * scale)).backward(grad)
+    assert torch.equal(x.grad, same.grad) and x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pool_relu_dropout_ties_go_to_the_first_of_the_window_and_nan_comes_through():
+    x = torch.zeros(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    x[:, :, 0:2, 0:2] = 1.0  # a tie of four: the gradient goes to the top left, as torch's pooling sends it
+    x[0, 3, 2, 3] = float("nan")
+    x = x.requires_grad_()
+    torch.manual_seed(5)
+    out = fused.pool_relu_dropout(x, 0.5)
+    assert out.view(2, 16, 2, 2)[0, 3, 1, 1].isnan() and out.isnan().sum() == 1
+    out.nan_to_num(0.0).sum().backward()
+    kept = out.view(2, 16, 2, 2)[:, :, 0, 0] != 0
+    assert torch.equal(x.grad[:, :, 0, 0] != 0, kept) and x.grad[:, :, 0:2, 0:2].sum() == 2 * kept.sum()
+
+
+def test_pool_relu_dropout_masks_follow_torchs_seed_not_the_threads():
+    x = torch.rand(64, 32, 6, 6).contiguous(memory_format=torch.channels_last) + 0.1
+    threads = torch.get_num_threads()
+    outs = []
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        torch.manual_seed(3)
+        outs.append(fused.pool_relu_dropout(x, 0.25))
+    torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    masks = torch.stack([fused.pool_relu_dropout(x, 0.25) != 0 for _ in range(20)])
+    assert abs(masks.float().mean().item() - 0.75) < 0.005  # 368,640 draws: 0.0007 is one standard error
+
+
+@pytest.mark.parametrize("change", ["channels first", "24 channels", "pool of 3", "flatten from 2", "rate 0"])
+def test_pool_relu_dropout_only_where_it_is_the_same_function(change):
+    pool, flatten, p = MaxPoolReLU(2), nn.Flatten(), 0.5
+    x = torch.rand(4, 32, 11, 11).contiguous(memory_format=torch.channels_last)
+    assert fused.can_fuse_pool_relu_dropout(pool, flatten, p, x)
+    if change == "channels first":
+        x = x.contiguous()
+    elif change == "24 channels":
+        x = torch.rand(4, 24, 11, 11).contiguous(memory_format=torch.channels_last)
+    elif change == "pool of 3":
+        pool = MaxPoolReLU(3)
+    elif change == "flatten from 2":
+        flatten = nn.Flatten(2)
+    elif change == "rate 0":
+        p = 0.0
+    assert not fused.can_fuse_pool_relu_dropout(pool, flatten, p, x)
+
+
+def test_tutorial_003_pools_and_drops_out_as_one_only_in_training(monkeypatch):
+    calls = []
+    real = fused.pool_relu_dropout
+    monkeypatch.setattr(fused, "pool_relu_dropout", lambda x, p: calls.append(p) or real(x, p))
+    net = build_model("tutorial-003", seed=0).to(memory_format=torch.channels_last)
+    x = torch.rand(8, 1, 28, 28)
+    assert net.train()(x).shape == (8, 10) and calls == [0.5]
+    net.eval()  # (the first convolution's fused kernel sums in its own order: float32 rounding apart)
+    assert torch.allclose(net(x), nn.Sequential(*net)(x), atol=1e-6) and calls == [0.5]
+
+
 def test_fused_sequential_runs_relu_then_dropout_as_one_only_in_training(monkeypatch):
     calls = []
     real = fused.relu_dropout

@@ -88,6 +88,9 @@ def library() -> ctypes.CDLL | None:
         "convpool_backward": ([integer, *[pointer] * 5, *[integer] * 5], integer),
         "relu_dropout_forward": ([integer, pointer, ctypes.c_uint64, integer, real, pointer, length, integer], None),
         "relu_dropout_backward": ([integer, pointer, pointer, real, pointer, length, integer], None),
+        "pool_relu_dropout_forward": ([integer, pointer, *[integer] * 4, ctypes.c_uint64, integer, real, pointer,
+                                       pointer, integer], None),
+        "pool_relu_dropout_backward": ([integer, pointer, pointer, real, *[integer] * 4, pointer, integer], None),
         "adam_bf16": ([*[pointer] * 5, length, *[real] * 6, integer], None),
         "rmsprop_bf16": ([*[pointer] * 4, length, *[real] * 3, integer], None),
     }
@@ -125,10 +128,14 @@ def can_fuse(conv: nn.Conv2d, pool: nn.MaxPool2d, x: torch.Tensor) -> bool:
                       and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.dilation == (1, 1)
                       and conv.groups == 1 and conv.bias is not None and conv.padding_mode == "zeros"
                       and conv.weight.dtype == torch.float32 and conv.bias.dtype == torch.float32)
-    pooling_ok = (pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
-                  and pool.dilation in (1, (1, 1)) and not pool.ceil_mode and not pool.return_indices)
     dtype_ok = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _bf16_autocast())
-    return convolution_ok and pooling_ok and dtype_ok and _plain_eager() and library() is not None
+    return convolution_ok and _plain_pooling(pool) and dtype_ok and _plain_eager() and library() is not None
+
+
+def _plain_pooling(pool: nn.MaxPool2d) -> bool:
+    """2x2 windows at stride 2, no padding, dilation or ceiling, and no indices returned."""
+    return (pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
+            and pool.dilation in (1, (1, 1)) and not pool.ceil_mode and not pool.return_indices)
 
 
 class _ConvPoolReLU(torch.autograd.Function):
@@ -224,6 +231,55 @@ def relu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     probability ``models.Dropout`` keeps it, from 16-bit draws of a counter-based stream seeded by one draw of
     torch's generator (so ``torch.manual_seed`` fixes it); ``models.Dropout`` draws its own from torch's."""
     return _ReLUDropout.apply(x, p)
+
+
+# --------------------------------------------------------------------------- max pooling, ReLU, flatten, dropout
+
+
+def can_fuse_pool_relu_dropout(pool: nn.MaxPool2d, flatten: nn.Flatten, p: float, x: torch.Tensor) -> bool:
+    """Whether ``pool`` (a ``models.MaxPoolReLU``), ``flatten`` and a training ``models.Dropout(p)`` of ``x`` can
+    run as ``pool_relu_dropout``: 2x2 windows at stride 2, all of each image flattened, ``x`` channels-last with
+    a multiple of 16 channels."""
+    return (_plain_pooling(pool) and flatten.start_dim == 1 and flatten.end_dim == -1 and 0.0 < p < 1.0
+            and x.device.type == "cpu" and x.dim() == 4 and x.shape[1] % 16 == 0 and min(x.shape[2:]) >= 2
+            and x.numel() > 0 and x.dtype in (torch.float32, torch.bfloat16)
+            and x.is_contiguous(memory_format=torch.channels_last) and _plain_eager() and library() is not None)
+
+
+class _PoolReLUDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        from .models import dropout_threshold
+
+        n, c, h, w = x.shape
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64  # torch's generator
+        out = torch.empty((n, c * (h // 2) * (w // 2)), dtype=x.dtype)
+        winners = torch.empty(out.shape, dtype=torch.uint8)
+        scale = _scale(p, x.dtype)
+        library().pool_relu_dropout_forward(int(x.dtype == torch.bfloat16), x.data_ptr(), n, h, w, c, seed,
+                                            dropout_threshold(p), scale, out.data_ptr(), winners.data_ptr(),
+                                            torch.get_num_threads())
+        ctx.save_for_backward(winners)
+        ctx.scale, ctx.shape, ctx.dtype = scale, x.shape, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (winners,) = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        grad = grad.to(ctx.dtype).contiguous()
+        grad_in = torch.empty(ctx.shape, dtype=ctx.dtype, memory_format=torch.channels_last)
+        library().pool_relu_dropout_backward(int(ctx.dtype == torch.bfloat16), grad.data_ptr(), winners.data_ptr(),
+                                             ctx.scale, n, h, w, c, grad_in.data_ptr(), torch.get_num_threads())
+        return grad_in, None
+
+
+def pool_relu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``Dropout(p)(flatten(relu(max_pool2d(x, 2)), 1))`` in training, one pass forward and one back: the
+    outputs torch's layers give (the first largest of each window; NaN comes through), kept as ``relu_dropout``
+    keeps them. Tutorial 003's (128 x 64 x 11 x 11, bfloat16, channels-last, 2 threads): forward and back 0.33
+    ms against 0.67 ms in torch's layers; the whole recipe 1.09x (1.09-1.30, 3 alternated runs, AMD EPYC)."""
+    return _PoolReLUDropout.apply(x, p)
 
 
 # --------------------------------------------------------------------------- Adam with the weights' bfloat16 copy

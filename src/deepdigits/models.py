@@ -157,8 +157,9 @@ class MaxPoolReLU(nn.MaxPool2d):
 class FusedSequential(nn.Sequential):
     """``nn.Sequential`` that runs on the CPU, where the kernels of ``fused`` could be built: a leading one-channel
     3x3 convolution, ``PooledReLU`` and ``MaxPoolReLU(2)`` as one kernel; ReLU then ``Dropout`` in training as
-    one; Linear layers through the bfloat16 copies a ``fused.Bf16Adam`` or ``Bf16RMSprop`` keeps, inside its
-    training steps. The same layers, parameter names and function."""
+    one, and ``MaxPoolReLU(2)``, ``Flatten`` and ``Dropout`` likewise; Linear layers through the bfloat16 copies
+    a ``fused.Bf16Adam`` or ``Bf16RMSprop`` keeps, inside its training steps. The same layers, parameter names
+    and function."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         copies = fused.active_copies() if self.training and torch.is_grad_enabled() else None
@@ -175,6 +176,11 @@ class FusedSequential(nn.Sequential):
                   and fused.can_fuse_relu_dropout(following.p, x)):
                 x = fused.relu_dropout(x, following.p)
                 i += 1
+            elif (type(layer) is MaxPoolReLU and type(following) is nn.Flatten and i + 2 < len(layers)
+                  and isinstance(layers[i + 2], Dropout) and layers[i + 2].training
+                  and fused.can_fuse_pool_relu_dropout(layer, following, layers[i + 2].p, x)):
+                x = fused.pool_relu_dropout(x, layers[i + 2].p)
+                i += 2
             else:
                 x = layer(x)
             i += 1

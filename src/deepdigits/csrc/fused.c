@@ -1,6 +1,7 @@
 // Fused CPU kernels for deepdigits.fused: (1) a one-input-channel 3x3 convolution, 2x2 max pooling (stride 2)
-// and ReLU as one pass, forward and weight gradient; (2) ReLU and dropout, forward and back; (3) Adam on float32
-// weights from bfloat16 gradients, writing the weights' bfloat16 copy. Scalar tails handle any length.
+// and ReLU as one pass, forward and weight gradient; (2) ReLU and dropout, forward and back, and likewise 2x2 max
+// pooling, ReLU, flatten and dropout; (3) Adam on float32 weights from bfloat16 gradients, writing the weights'
+// bfloat16 copy. Scalar tails handle any length.
 //
 // (1): the convolution's output (N x 26 x 26 x C for MNIST) is never stored: each
 // pooled value is the largest of its window's four convolution outputs, computed from a 4x4 patch of input.
@@ -230,6 +231,119 @@ void relu_dropout_backward(int bf16, const void *out, const void *grad, float sc
     for (long i = full; i < n; i++) {
         float o = load_one(bf16, out, i);
         store_one(bf16, grad_in, i, (o > 0.0f || o != o) ? load_one(bf16, grad, i) * scale : 0.0f);
+    }
+}
+
+// ------------------------------------------------------------------ 2x2 max pooling, ReLU, flatten and dropout
+
+// x: (N, H, W, C) channels-last, C a multiple of 16; out: (N, C * PH * PW) in torch.flatten's (C, PH, PW) order,
+// PH = H / 2 and PW = W / 2 (rows and columns past them dropped, as max_pool2d's floor); arg: the winner of each
+// output's window (0-3, row-major; the first largest, as in torch's max pooling, a NaN winning), or DEAD where
+// ReLU or dropout zeroed it. out = relu(max) * scale where draw o >= threshold, else 0, rounded once to the dtype
+// as torch rounds dropout's product; draw o of output o is the one relu_dropout_forward gives value o.
+// Each image goes through a (C, PH * PW) buffer: pooled over 16 channels at a time, then kept 32 at a time.
+void pool_relu_dropout_forward(int bf16, const void *x, int n, int h, int w, int c, uint64_t seed, int threshold,
+                               float scale, void *out, uint8_t *arg, int threads) {
+    int ph = h / 2, pw = w / 2, cells = ph * pw;
+    long per_image = (long)c * cells;
+    #pragma omp parallel num_threads(threads) if ((long)n * per_image >= 32768)
+    {
+        float *pooled = malloc(sizeof(float) * (size_t)(per_image + 32));
+        uint8_t *which = malloc((size_t)per_image);
+        #pragma omp for schedule(static)
+        for (long img = 0; img < n; img++) {
+            for (int cell = 0; cell < cells; cell++) {
+                int i = cell / pw, j = cell % pw;
+                for (int ch = 0; ch < c; ch += LANES) {
+                    vf best = (vf){0};
+                    vi won = (vi){0};
+                    for (int k = 0; k < 4; k++) {
+                        long at = ((img * h + 2 * i + k / 2) * w + 2 * j + k % 2) * c + ch;
+                        vf v = bf16 ? load_bf16((const uint16_t *)x + at) : load_f((const float *)x + at);
+                        vi take = k == 0 ? ~(vi){0} : (vi)(v > best) | (vi)(v != v);
+                        best = select_f(take, v, best);
+                        won = select_i(take, (vi){0} + k, won);
+                    }
+                    for (int l = 0; l < LANES; l++) {
+                        pooled[(long)(ch + l) * cells + cell] = best[l];
+                        which[(long)(ch + l) * cells + cell] = (uint8_t)won[l];
+                    }
+                }
+            }
+            long base = img * per_image, o = 0;
+            for (; o + 32 <= per_image && (base + o) % 4 == 0; o += 32) {
+                vq word = (vq){0, 1, 2, 3, 4, 5, 6, 7} + (uint64_t)((base + o) / 4 + 1);
+                vq z = seed + word * 0x9E3779B97F4A7C15ull;
+                z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+                z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+                z = z ^ (z >> 31);
+                int16_t draws[32];
+                memcpy(draws, &z, sizeof draws);
+                for (int half = 0; half < 32; half += LANES) {
+                    vf v = load_f(pooled + o + half);
+                    vs d;
+                    memcpy(&d, draws + half, sizeof d);
+                    vi live = ((__builtin_convertvector(d, vi) >= threshold) & (vi)(v > 0.0f)) | (vi)(v != v);
+                    vf r = select_f(live, v * scale, (vf){0});
+                    if (bf16) store_bf16((uint16_t *)out + base + o + half, round_bf16(r));
+                    else store_f((float *)out + base + o + half, r);
+                    vb kept, won;
+                    memcpy(&won, which + o + half, sizeof won);
+                    kept = __builtin_convertvector(select_i(live, __builtin_convertvector(won, vi), (vi){0} + DEAD), vb);
+                    memcpy(arg + base + o + half, &kept, sizeof kept);
+                }
+            }
+            for (; o < per_image; o++) {
+                long at = base + o;
+                int16_t draw = (int16_t)(uint16_t)(splitmix64(seed, (uint64_t)(at / 4)) >> (16 * (at % 4)));
+                float v = pooled[o];
+                int live = (v > 0.0f && draw >= threshold) || v != v;
+                store_one(bf16, out, at, live ? v * scale : 0.0f);
+                arg[at] = live ? which[o] : DEAD;
+            }
+        }
+        free(pooled);
+        free(which);
+    }
+}
+
+// grad_in (N, H, W, C) channels-last: grad * scale at each live output's winner, 0 everywhere else (one write).
+// Each image's gradient and winners are first laid out (PH * PW, C), so the writes go 16 channels at a time.
+void pool_relu_dropout_backward(int bf16, const void *grad, const uint8_t *arg, float scale, int n, int h, int w,
+                                int c, void *grad_in, int threads) {
+    int ph = h / 2, pw = w / 2, cells = ph * pw;
+    long per_image = (long)c * cells;
+    #pragma omp parallel num_threads(threads) if ((long)n * h * w * c >= 32768)
+    {
+        float *g = malloc(sizeof(float) * (size_t)per_image);
+        int32_t *won = malloc(sizeof(int32_t) * (size_t)per_image);
+        #pragma omp for schedule(static)
+        for (long img = 0; img < n; img++) {
+            for (int ch = 0; ch < c; ch++) {
+                for (int cell = 0; cell < cells; cell++) {
+                    long o = img * per_image + (long)ch * cells + cell;
+                    g[(long)cell * c + ch] = load_one(bf16, grad, o) * scale;
+                    won[(long)cell * c + ch] = arg[o];
+                }
+            }
+            for (int y = 0; y < h; y++) {
+                for (int xx = 0; xx < w; xx++) {
+                    long at = ((img * h + y) * w + xx) * c;
+                    int inside = y / 2 < ph && xx / 2 < pw;
+                    long cell = inside ? (long)(y / 2) * pw + xx / 2 : 0;
+                    int k = inside ? (y % 2) * 2 + xx % 2 : -1;
+                    for (int ch = 0; ch < c; ch += LANES) {
+                        vi mine;
+                        memcpy(&mine, won + cell * c + ch, sizeof mine);
+                        vf r = select_f((vi)(mine == k), load_f(g + cell * c + ch), (vf){0});
+                        if (bf16) store_bf16((uint16_t *)grad_in + at + ch, round_bf16(r));
+                        else store_f((float *)grad_in + at + ch, r);
+                    }
+                }
+            }
+        }
+        free(g);
+        free(won);
     }
 }
 
