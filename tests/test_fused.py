@@ -267,6 +267,17 @@ def test_pool_relu_dropout_only_where_it_is_the_same_function(change):
     assert not fused.can_fuse_pool_relu_dropout(pool, flatten, p, x)
 
 
+def test_pooling_kernels_without_memory_raise_a_memory_error_not_a_crash(monkeypatch):
+    class NoMemory:  # the kernels' status where their scratch buffers cannot be allocated
+        def pool_relu_dropout_forward(self, *args):
+            return -1
+
+    monkeypatch.setattr(fused, "library", lambda: NoMemory())
+    x = torch.rand(4, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(MemoryError, match=r"deepdigits\.fused: no memory for pooling's buffers"):
+        fused.pool_relu_dropout(x, 0.5)
+
+
 def test_tutorial_003_pools_and_drops_out_as_one_only_in_training(monkeypatch):
     calls = []
     real = fused.pool_relu_dropout

@@ -1,4 +1,5 @@
-"""Fused CPU kernels in C (convolution-pooling-ReLU, ReLU-dropout, Adam from bfloat16), compiled on first use."""
+"""Fused CPU kernels in C (convolution-pooling-ReLU, ReLU-dropout, pooling-ReLU-dropout, Adam and RMSprop from
+bfloat16), compiled on first use."""
 
 from __future__ import annotations
 
@@ -89,8 +90,8 @@ def library() -> ctypes.CDLL | None:
         "relu_dropout_forward": ([integer, pointer, ctypes.c_uint64, integer, real, pointer, length, integer], None),
         "relu_dropout_backward": ([integer, pointer, pointer, real, pointer, length, integer], None),
         "pool_relu_dropout_forward": ([integer, pointer, *[integer] * 4, ctypes.c_uint64, integer, real, pointer,
-                                       pointer, integer], None),
-        "pool_relu_dropout_backward": ([integer, pointer, pointer, real, *[integer] * 4, pointer, integer], None),
+                                       pointer, integer], integer),
+        "pool_relu_dropout_backward": ([integer, pointer, pointer, real, *[integer] * 4, pointer, integer], integer),
         "adam_bf16": ([*[pointer] * 5, length, *[real] * 6, integer], None),
         "rmsprop_bf16": ([*[pointer] * 4, length, *[real] * 3, integer], None),
     }
@@ -132,6 +133,17 @@ def can_fuse(conv: nn.Conv2d, pool: nn.MaxPool2d, x: torch.Tensor) -> bool:
     return convolution_ok and _plain_pooling(pool) and dtype_ok and _plain_eager() and library() is not None
 
 
+def _enough_memory(status: int, what: str) -> None:
+    """A kernel's status: 0, or -1 where it could not allocate its scratch memory."""
+    if status != 0:
+        raise MemoryError(f"deepdigits.fused: no memory for {what}")
+
+
+def _torch_seed() -> int:
+    """One full-range draw of torch's generator (so ``torch.manual_seed`` fixes it), seeding a kernel's stream."""
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64
+
+
 def _plain_pooling(pool: nn.MaxPool2d) -> bool:
     """2x2 windows at stride 2, no padding, dilation or ceiling, and no indices returned."""
     return (pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
@@ -167,8 +179,7 @@ class _ConvPoolReLU(torch.autograd.Function):
         status = library().convpool_backward(int(ctx.bf16), images.data_ptr(), grad.data_ptr(),
                                              winners.data_ptr(), kernel_grad.data_ptr(), bias_grad.data_ptr(),
                                              n, h, w, c, torch.get_num_threads())
-        if status != 0:
-            raise MemoryError("deepdigits.fused: no memory for the convolution's gradient")
+        _enough_memory(status, "the convolution's gradient")
         return None, kernel_grad.t().reshape(ctx.kernel_shape), bias_grad, None
 
 
@@ -207,11 +218,10 @@ class _ReLUDropout(torch.autograd.Function):
         from .models import dropout_threshold
 
         z = z.contiguous()
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64  # torch's generator
         out = torch.empty_like(z)
         scale = _scale(p, z.dtype)
-        library().relu_dropout_forward(int(z.dtype == torch.bfloat16), z.data_ptr(), seed, dropout_threshold(p),
-                                       scale, out.data_ptr(), z.numel(), torch.get_num_threads())
+        library().relu_dropout_forward(int(z.dtype == torch.bfloat16), z.data_ptr(), _torch_seed(),
+                                       dropout_threshold(p), scale, out.data_ptr(), z.numel(), torch.get_num_threads())
         ctx.save_for_backward(out)
         ctx.scale = scale
         return out
@@ -252,13 +262,13 @@ class _PoolReLUDropout(torch.autograd.Function):
         from .models import dropout_threshold
 
         n, c, h, w = x.shape
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64  # torch's generator
         out = torch.empty((n, c * (h // 2) * (w // 2)), dtype=x.dtype)
         winners = torch.empty(out.shape, dtype=torch.uint8)
         scale = _scale(p, x.dtype)
-        library().pool_relu_dropout_forward(int(x.dtype == torch.bfloat16), x.data_ptr(), n, h, w, c, seed,
-                                            dropout_threshold(p), scale, out.data_ptr(), winners.data_ptr(),
-                                            torch.get_num_threads())
+        status = library().pool_relu_dropout_forward(int(x.dtype == torch.bfloat16), x.data_ptr(), n, h, w, c,
+                                                     _torch_seed(), dropout_threshold(p), scale, out.data_ptr(),
+                                                     winners.data_ptr(), torch.get_num_threads())
+        _enough_memory(status, "pooling's buffers")
         ctx.save_for_backward(winners)
         ctx.scale, ctx.shape, ctx.dtype = scale, x.shape, x.dtype
         return out
@@ -269,8 +279,10 @@ class _PoolReLUDropout(torch.autograd.Function):
         n, c, h, w = ctx.shape
         grad = grad.to(ctx.dtype).contiguous()
         grad_in = torch.empty(ctx.shape, dtype=ctx.dtype, memory_format=torch.channels_last)
-        library().pool_relu_dropout_backward(int(ctx.dtype == torch.bfloat16), grad.data_ptr(), winners.data_ptr(),
-                                             ctx.scale, n, h, w, c, grad_in.data_ptr(), torch.get_num_threads())
+        status = library().pool_relu_dropout_backward(int(ctx.dtype == torch.bfloat16), grad.data_ptr(),
+                                                      winners.data_ptr(), ctx.scale, n, h, w, c, grad_in.data_ptr(),
+                                                      torch.get_num_threads())
+        _enough_memory(status, "pooling's gradient buffers")
         return grad_in, None
 
 

@@ -242,14 +242,22 @@ void relu_dropout_backward(int bf16, const void *out, const void *grad, float sc
 // ReLU or dropout zeroed it. out = relu(max) * scale where draw o >= threshold, else 0, rounded once to the dtype
 // as torch rounds dropout's product; draw o of output o is the one relu_dropout_forward gives value o.
 // Each image goes through a (C, PH * PW) buffer: pooled over 16 channels at a time, then kept 32 at a time.
-void pool_relu_dropout_forward(int bf16, const void *x, int n, int h, int w, int c, uint64_t seed, int threshold,
-                               float scale, void *out, uint8_t *arg, int threads) {
+// Returns 0, or -1 where memory for the threads' buffers could not be had.
+int pool_relu_dropout_forward(int bf16, const void *x, int n, int h, int w, int c, uint64_t seed, int threshold,
+                              float scale, void *out, uint8_t *arg, int threads) {
     int ph = h / 2, pw = w / 2, cells = ph * pw;
     long per_image = (long)c * cells;
+    float *pooled_all = malloc(sizeof(float) * (size_t)per_image * threads);
+    uint8_t *which_all = malloc((size_t)per_image * threads);
+    if (!pooled_all || !which_all) {
+        free(pooled_all);
+        free(which_all);
+        return -1;
+    }
     #pragma omp parallel num_threads(threads) if ((long)n * per_image >= 32768)
     {
-        float *pooled = malloc(sizeof(float) * (size_t)(per_image + 32));
-        uint8_t *which = malloc((size_t)per_image);
+        float *pooled = pooled_all + (size_t)omp_get_thread_num() * per_image;
+        uint8_t *which = which_all + (size_t)omp_get_thread_num() * per_image;
         #pragma omp for schedule(static)
         for (long img = 0; img < n; img++) {
             for (int cell = 0; cell < cells; cell++) {
@@ -302,21 +310,30 @@ void pool_relu_dropout_forward(int bf16, const void *x, int n, int h, int w, int
                 arg[at] = live ? which[o] : DEAD;
             }
         }
-        free(pooled);
-        free(which);
     }
+    free(pooled_all);
+    free(which_all);
+    return 0;
 }
 
 // grad_in (N, H, W, C) channels-last: grad * scale at each live output's winner, 0 everywhere else (one write).
 // Each image's gradient and winners are first laid out (PH * PW, C), so the writes go 16 channels at a time.
-void pool_relu_dropout_backward(int bf16, const void *grad, const uint8_t *arg, float scale, int n, int h, int w,
-                                int c, void *grad_in, int threads) {
+// Returns 0, or -1 where memory for the threads' buffers could not be had.
+int pool_relu_dropout_backward(int bf16, const void *grad, const uint8_t *arg, float scale, int n, int h, int w,
+                               int c, void *grad_in, int threads) {
     int ph = h / 2, pw = w / 2, cells = ph * pw;
     long per_image = (long)c * cells;
+    float *g_all = malloc(sizeof(float) * (size_t)per_image * threads);
+    int32_t *won_all = malloc(sizeof(int32_t) * (size_t)per_image * threads);
+    if (!g_all || !won_all) {
+        free(g_all);
+        free(won_all);
+        return -1;
+    }
     #pragma omp parallel num_threads(threads) if ((long)n * h * w * c >= 32768)
     {
-        float *g = malloc(sizeof(float) * (size_t)per_image);
-        int32_t *won = malloc(sizeof(int32_t) * (size_t)per_image);
+        float *g = g_all + (size_t)omp_get_thread_num() * per_image;
+        int32_t *won = won_all + (size_t)omp_get_thread_num() * per_image;
         #pragma omp for schedule(static)
         for (long img = 0; img < n; img++) {
             for (int ch = 0; ch < c; ch++) {
@@ -342,9 +359,10 @@ void pool_relu_dropout_backward(int bf16, const void *grad, const uint8_t *arg, 
                 }
             }
         }
-        free(g);
-        free(won);
     }
+    free(g_all);
+    free(won_all);
+    return 0;
 }
 
 // ---------------------------------------------------------------------------------------------- Adam, RMSprop
