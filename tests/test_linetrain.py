@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from deepdigits import linetrain
 from deepdigits.linereader import LINE_HEIGHT, MARK, LineReader
 from deepdigits.linetrain import (
     MAX_DIGITS,
@@ -15,6 +16,7 @@ from deepdigits.linetrain import (
     main,
     train_line_reader,
     write_lines,
+    write_many_lines,
     write_photographed_lines,
 )
 
@@ -42,6 +44,19 @@ def test_a_share_of_lines_hold_a_mark_read_as_a_question_mark(mnist):
     assert (targets == MARK).sum() == 2  # the mark's CTC class
     unmarked = write_lines(mnist.x_train[:40], mnist.y_train[:40], 40, np.random.default_rng(0))
     assert not any("?" in unmarked.number(k) for k in range(len(unmarked)))
+
+
+def test_many_lines_are_the_same_written_by_one_process_or_two(mnist, monkeypatch):
+    monkeypatch.setattr(linetrain, "LINES_PER_CHUNK", 8)  # three chunks, so the two processes share them
+    one = write_many_lines(mnist.x_train[:40], mnist.y_train[:40], 20, np.random.default_rng(3), 0.25, processes=1)
+    two = write_many_lines(mnist.x_train[:40], mnist.y_train[:40], 20, np.random.default_rng(3), 0.25, processes=2)
+    assert len(one) == len(two) == 20
+    assert (one.widths == two.widths).all() and (one.labels == two.labels).all()
+    assert np.array_equal(one.pixels, two.pixels)
+    # each chunk counts its lengths on from the lines before it: 1-8 digits in turn across the chunks
+    assert (one.labels >= 0).sum(axis=1).tolist() == [1 + k % MAX_DIGITS for k in range(20)]
+    other = write_many_lines(mnist.x_train[:40], mnist.y_train[:40], 20, np.random.default_rng(4), 0.25, processes=1)
+    assert not np.array_equal(one.labels, other.labels)
 
 
 @pytest.fixture(scope="module")
