@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--data-dir")
     args = parser.parse_args()
+    for name in ("digits", "numbers", "marks"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name}: expected 0 or more, got {getattr(args, name)}")
 
     if args.threads:
         import torch
@@ -170,20 +173,8 @@ def main() -> None:
         ms = (time.perf_counter() - started) / args.digits * 1000
         print(f"single-digit photos: {right} of {args.digits} right ({right / args.digits:.1%}), {ms:.0f} ms each")
         print()
-    print("| condition | 2-6 digits exact | 2-8 digits exact | segmenter alone: 2-6 / 2-8 | digit count right "
-          "| digits right | digit ECE | ms per number |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    total: dict = {}
-    for condition in args.conditions:
-        cases = number_cases(ds.x_test, ds.y_test, condition, args.numbers, args.seed)
-        result = score(cases, model, reader)
-        for key, value in result.items():
-            total[key] = total.get(key, [] if isinstance(value, list) else 0) + value
-        print(row(condition, result))
-    if len(args.conditions) > 1:
-        total["ms"] /= len(args.conditions)
-        print(row("**all**", total))
-    print()
+    if args.numbers:
+        number_table(args, ds, model, reader)
     if args.marks:
         print("Numbers with a letter, symbol, scribble or smiley among the digits:")
         print()
@@ -199,6 +190,24 @@ def main() -> None:
             print(mark_row("**all**", totals))
         print()
     print(f"load average at the end: {load_average()}")
+
+
+def number_table(args: argparse.Namespace, ds, model, reader) -> None:
+    """The numbers table: each way of writing, then all of them."""
+    print("| condition | 2-6 digits exact | 2-8 digits exact | segmenter alone: 2-6 / 2-8 | digit count right "
+          "| digits right | digit ECE | ms per number |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    total: dict = {}
+    for condition in args.conditions:
+        cases = number_cases(ds.x_test, ds.y_test, condition, args.numbers, args.seed)
+        result = score(cases, model, reader)
+        for key, value in result.items():
+            total[key] = total.get(key, [] if isinstance(value, list) else 0) + value
+        print(row(condition, result))
+    if len(args.conditions) > 1:
+        total["ms"] /= len(args.conditions)
+        print(row("**all**", total))
+    print()
 
 
 def mark_row(name: str, r: dict) -> str:

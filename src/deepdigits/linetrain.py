@@ -5,7 +5,7 @@
     python -m deepdigits.linetrain --out src/deepdigits/builtin/line-reader --digit-model runs/best-held-out \
         --fine-tune 16000                                                  # then on photographed numbers
     python -m deepdigits.linetrain --out src/deepdigits/builtin/line-reader --digit-model runs/best-held-out \
-        --fit-only --numbers 300                                           # the combination, on 1,500 numbers
+        --fit-only --numbers 600                                           # the combination, on 3,000 numbers
 
 Lines of 1-8 digits are written by :func:`synthetic.number_line_ink` from the first 58,000 training images;
 the temperature is fit on lines written from the last 2,000 (``calibrate.HOLDOUT``), which the reader never
@@ -14,7 +14,7 @@ those 2,000 too. The test set is never looked at. The shipped reader: 600,000 li
 letter, symbol or scribble among the digits (read "?"), 4 epochs, seed 1 (25 minutes on 2 threads of an AMD EPYC,
 bfloat16, after 516 s writing the lines in 2 processes), then fine-tuned (``--fine-tune``,
 :func:`fine_tune_line_reader`) on 16,000 numbers photographed as the benchmark photographs them, beside 8,000 ink
-lines, for 2 epochs, and its combination fit on 300 numbers per way of writing. The reader before it, 200,000
+lines, for 2 epochs, and its combination fit on 600 numbers per way of writing. The reader before it, 200,000
 lines for 6 epochs (the same fine-tuning), fit its training lines to a CTC loss of 0.0012 and longer training
 made it worse (250,000 lines for 8 epochs); three times the lines, each seen 4 times, end at 0.0090 and read
 96.75% of 2,000 photographed held-out numbers alone against 95.5% (benchmarks/RESULTS.md, "A line reader
