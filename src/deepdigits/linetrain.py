@@ -119,9 +119,7 @@ def write_many_lines(x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Ge
     :func:`synthetic.number_line_ink` takes about 2 ms a line on one core; 600,000 lines took 516 s on 2
     processes (AMD EPYC, 2 cores).
     """
-    seeds = rng.integers(2**63, size=-(-count // LINES_PER_CHUNK))
-    chunks = [(start, min(LINES_PER_CHUNK, count - start), int(seed))
-              for start, seed in zip(range(0, count, LINES_PER_CHUNK), seeds, strict=True)]
+    chunks = _seeded_chunks(count, LINES_PER_CHUNK, rng)
     if processes <= 1 or len(chunks) == 1:
         parts = [_write_chunk(chunk, x, y, marks) for chunk in chunks]
     else:
@@ -133,6 +131,13 @@ def write_many_lines(x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Ge
                                  initializer=_keep_for_workers, initargs=(x, y, marks)) as pool:
             parts = list(pool.map(_write_chunk_in_worker, chunks))
     return Lines.of([image for part in parts for image in part[0]], np.concatenate([part[1] for part in parts]))
+
+
+def _seeded_chunks(count: int, size: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """``count`` lines in chunks of ``size``: (first line, lines, a seed drawn from ``rng``) for each."""
+    seeds = rng.integers(2**63, size=-(-count // size))
+    return [(start, min(size, count - start), int(seed))
+            for start, seed in zip(range(0, count, size), seeds, strict=True)]
 
 
 _WORKER_DATA: tuple[np.ndarray, np.ndarray, float] | None = None
@@ -186,8 +191,7 @@ def write_photographed_lines(x: np.ndarray, y: np.ndarray, count: int, rng: np.r
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    chunks = [(start, min(250, count - start), int(seed))
-              for start, seed in zip(range(0, count, 250), rng.integers(2**63, size=-(-count // 250)), strict=True)]
+    chunks = _seeded_chunks(count, 250, rng)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         parts = list(pool.map(lambda chunk: _write_numbers(x, y, chunk[1], np.random.default_rng(chunk[2]), marks,
                                                            _photographed_ink, shortest=2, first=chunk[0]), chunks))
