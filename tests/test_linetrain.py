@@ -121,6 +121,8 @@ def test_fine_tuning_on_photographed_lines_refits_the_temperature_and_drops_the_
 def test_the_command_line_answers_bad_input_in_one_line(tmp_path, capsys):
     for argv, expected in ((["--out", str(tmp_path / "r"), "--epochs", "0"], "--epochs: expected at least 1, got 0"),
                            (["--out", str(tmp_path / "r"), "--marks", "1.5"], "--marks: expected a share from 0"),
+                           (["--out", str(tmp_path / "r"), "--samples", "5000000"], "--samples: expected at most"),
+                           (["--out", str(tmp_path / "r"), "--processes", "0"], "--processes: expected at least 1"),
                            (["--out", str(tmp_path / "r"), "--fit-only"], "r/reader.json: missing"),
                            (["--out", str(tmp_path / "r"), "--fine-tune", "10"], "--fine-tune: expected at least 64"),
                            (["--out", str(tmp_path / "r"), "--fine-tune", "2000000"], "--fine-tune: expected at most"),

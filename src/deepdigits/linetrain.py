@@ -57,6 +57,7 @@ from .linereader import (
 from .synthetic import number_line_ink
 
 MAX_DIGITS = 8
+MAX_SAMPLES = 4_000_000  # ink lines: 3.1 KB each, 12 GB in all, about an hour to write on 2 processes
 MAX_FINE_TUNE = 1_000_000  # photographed numbers: about 15 hours on one core, 3.9 GB of line images (16,000: 62 MB)
 
 
@@ -120,7 +121,8 @@ def write_many_lines(x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Ge
     processes (AMD EPYC, 2 cores).
     """
     chunks = _seeded_chunks(count, LINES_PER_CHUNK, rng)
-    if processes <= 1 or len(chunks) == 1:
+    processes = min(processes, len(chunks), os.cpu_count() or 1)  # the lines are the same for any count
+    if processes <= 1:
         parts = [_write_chunk(chunk, x, y, marks) for chunk in chunks]
     else:
         import multiprocessing
@@ -501,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, least in (("samples", 64), ("epochs", 1), ("processes", 1), ("numbers", 1), ("fine_tune", 64)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             parser.error(f"--{name.replace('_', '-')}: expected at least {least}, got {getattr(args, name)}")
+    if args.samples > MAX_SAMPLES:
+        parser.error(f"--samples: expected at most {MAX_SAMPLES:,} lines (3.1 KB each in memory), got {args.samples:,}")
     if args.fine_tune is not None and args.fine_tune > MAX_FINE_TUNE:
         parser.error(f"--fine-tune: expected at most {MAX_FINE_TUNE:,} numbers (about 55 ms each to photograph "
                      f"on one core), got {args.fine_tune:,}")
