@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_a_reader_trained_on_marks_reads_and_scores_a_question_mark(tmp_path):
     told = np.log(np.full((len(labels), 12), 0.01))
     told[np.arange(len(labels)), labels] = np.log(0.89)
     told = torch.from_numpy(told).float()
-    reader.log_probs = lambda line: told  # type: ignore[method-assign]
+    reader.member_log_probs = lambda line: told[None]  # type: ignore[method-assign]
     reading = reader.read(np.ones((20, 60), np.float32))
     assert reading.number == "2?4" and reading.probabilities.shape == (3, 10)
     assert reading.marks is not None and reading.marks[1] == pytest.approx(0.89, abs=1e-5)
@@ -130,6 +131,66 @@ def test_damaged_or_wrong_files_are_refused_in_one_line(small_reader):
     (folder / DOCUMENT_FILE).write_text("{not json")
     with pytest.raises(BundleError, match=r"reader.json: damaged JSON"):
         LineReader.load(folder)
+
+
+def _joined(tmp_path, count: int = 2, marks: bool = False) -> Path:
+    torch.manual_seed(0)
+    first = LineNet((8, 8, 8), 16, marks=marks).eval()
+    others = [(LineNet((8, 8, 8), 16, marks=marks).eval(), 1.2 + k, {"training": {"seed": k + 2}})
+              for k in range(count - 1)]
+    return save_reader(first, _document(marks=marks, training={"seed": 1}), tmp_path / "joined", others)
+
+
+def test_a_reader_of_two_networks_saves_each_and_loads_them_checked(tmp_path):
+    folder = _joined(tmp_path)
+    reader = LineReader.load(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([DOCUMENT_FILE, "reader-2.safetensors", WEIGHTS_FILE])
+    assert [t for _, t in reader.members] == [1.5, 1.2] and reader.document["members"][0]["training"] == {"seed": 2}
+    line = np.random.default_rng(0).integers(0, 256, (32, 80), dtype=np.uint8)
+    both = reader.member_log_probs(line)
+    assert both.shape == (2, 20, 11) and torch.equal(both[0], reader.log_probs(line))
+    with torch.no_grad():
+        second = torch.log_softmax(reader.members[1][0](torch.from_numpy(line / 255.0).float()[None, None])[0].T / 1.2,
+                                   dim=1)
+    assert torch.allclose(both[1], second, atol=1e-6)
+    document = json.loads((folder / DOCUMENT_FILE).read_text())
+    second_file = folder / "reader-2.safetensors"
+    second_file.write_bytes(second_file.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(BundleError, match=r"reader-2.safetensors: checksum mismatch"):
+        LineReader.load(folder)
+    for name in ("../elsewhere.safetensors", "reader-2.bin", "/etc/passwd.safetensors"):
+        member = {**document["members"][0], "file": name}
+        (folder / DOCUMENT_FILE).write_text(json.dumps({**document, "members": [member]}))
+        with pytest.raises(BundleError, match=r"reader.json: field 'members.0.file': String should match pattern"):
+            LineReader.load(folder)
+    (folder / DOCUMENT_FILE).write_text(json.dumps({**document, "members": [document["members"][0]] * 4}))
+    with pytest.raises(BundleError, match=r"field 'members': List should have at most 3 items"):
+        LineReader.load(folder)
+
+
+def test_two_networks_read_the_number_likeliest_under_their_mixture(tmp_path):
+    reader = LineReader.load(_joined(tmp_path, marks=True))
+
+    def told(labels: list[int], sure: float = 0.89) -> torch.Tensor:
+        log_probs = np.log(np.full((len(labels), 12), (1 - sure) / 11))
+        log_probs[np.arange(len(labels)), labels] = np.log(sure)
+        return torch.from_numpy(log_probs).float()
+
+    # the two name the same "2?4" one step apart: frame by frame they disagree everywhere a digit is named
+    first, second = told([0, 3, 0, MARK, 0, 5, 0, 0, 0, 0]), told([0, 0, 3, 0, MARK, 0, 5, 0, 0, 0])
+    reader.member_log_probs = lambda line: torch.stack([first, second])  # type: ignore[method-assign]
+    reading = reader.read(np.ones((20, 60), np.float32))
+    assert reading.number == "2?4" and reading.probabilities.shape == (3, 10)
+    assert reading.probabilities.argmax(axis=1)[[0, 2]].tolist() == [2, 4]
+    assert np.allclose(reading.probabilities.sum(axis=1), 1.0) and reading.marks is not None
+    assert reading.marks[1] > 0.85 and reading.marks[0] < 0.05
+    mixture = np.log((np.exp(LineReader.score(first, "2?4")) + np.exp(LineReader.score(second, "2?4"))) / 2)
+    assert reading.log_probability == pytest.approx(mixture) and reading.log_likelihood("2?4") == pytest.approx(mixture)
+    assert reading.log_likelihood("214") < reading.log_probability and reading.log_likelihood("2x4") == -np.inf
+    # where they read differently, the number likelier under both together wins, whichever network read it
+    unsure = told([0, 3, 0, 2, 0, 5, 0, 0, 0, 0], sure=0.4)  # reads "214", barely
+    reader.member_log_probs = lambda line: torch.stack([unsure, second])  # type: ignore[method-assign]
+    assert reader.read(np.ones((20, 60), np.float32)).number == "2?4"
 
 
 def _ink(mnist, picks, seed, **options) -> tuple[str, np.ndarray]:

@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from deepdigits import linetrain
-from deepdigits.linereader import LINE_HEIGHT, MARK, LineReader
+from deepdigits.errors import BundleError
+from deepdigits.linereader import LINE_HEIGHT, MARK, LineNet, LineReader
 from deepdigits.linetrain import (
     MAX_DIGITS,
     fine_tune_line_reader,
     fit_combination,
+    join_readers,
     main,
+    save_reader,
     train_line_reader,
     write_lines,
     write_many_lines,
@@ -118,6 +121,30 @@ def test_fine_tuning_on_photographed_lines_refits_the_temperature_and_drops_the_
     assert said[0].startswith("wrote 64 photographed and 32 ink lines") and said[-1].startswith("held out")
 
 
+def test_readers_trained_apart_are_joined_into_one_whose_combination_is_fit_again(trained, data_root, tmp_path):
+    folder = trained[0]
+    said: list[str] = []
+    document = join_readers(tmp_path / "joined", [folder, folder], log=said.append)
+    joined = LineReader.load(tmp_path / "joined")
+    assert len(joined.members) == 2 and "combine" not in document and said[-1].startswith("joined 2 networks")
+    assert document["members"][0]["temperature"] == LineReader.load(folder).temperature
+    assert document["members"][0]["training"] == document["training"] == trained[1]["training"]
+    assert document["members"][0]["held_out"] == document["held_out"] == trained[1]["held_out"]
+    ink = np.zeros((40, 120), np.float32)
+    ink[8:32, 20:24] = ink[8:32, 60:64] = 1.0
+    alone, both = LineReader.load(folder).read(ink), joined.read(ink)
+    assert both.number == alone.number and both.log_probability == pytest.approx(alone.log_probability)  # twins
+    with pytest.raises(BundleError, match="a reader of 2 networks; fine-tune each before joining"):
+        fine_tune_line_reader(tmp_path / "joined", photographed=64, ink=32, data_dir=str(data_root))
+    with pytest.raises(BundleError, match="5 networks in all: a reader holds at most 4"):
+        join_readers(tmp_path / "five", [tmp_path / "joined"] * 2 + [folder])
+    other = save_reader(LineNet((8, 8, 8), 16, marks=True), {**trained[1], "channels": [8, 8, 8], "context": 16},
+                        tmp_path / "small")
+    with pytest.raises(BundleError, match=r"small/reader.json: a network of channels \(8, 8, 8\), context 16"):
+        join_readers(tmp_path / "mixed", [folder, other])
+    assert not (tmp_path / "five").exists() and not (tmp_path / "mixed").exists()
+
+
 def test_the_command_line_answers_bad_input_in_one_line(tmp_path, capsys):
     for argv, expected in ((["--out", str(tmp_path / "r"), "--epochs", "0"], "--epochs: expected at least 1, got 0"),
                            (["--out", str(tmp_path / "r"), "--marks", "1.5"], "--marks: expected a share from 0"),
@@ -127,6 +154,8 @@ def test_the_command_line_answers_bad_input_in_one_line(tmp_path, capsys):
                            (["--out", str(tmp_path / "r"), "--fine-tune", "10"], "--fine-tune: expected at least 64"),
                            (["--out", str(tmp_path / "r"), "--fine-tune", "2000000"], "--fine-tune: expected at most"),
                            (["--out", str(tmp_path / "r"), "--fine-tune", "64"], "r/reader.json: missing"),
+                           (["--out", str(tmp_path / "r"), "--join", str(tmp_path / "a")], "a/reader.json: missing"),
+                           (["--out", str(tmp_path / "r"), "--join", "a", "--fit-only"], "not allowed with argument"),
                            (["--out", str(tmp_path / "r"), "--data-dir", str(tmp_path)], "no complete mnist files")):
         with pytest.raises(SystemExit) as stop:
             main(argv)

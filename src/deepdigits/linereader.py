@@ -4,7 +4,10 @@ The segmenter (:mod:`deepdigits.segment`) cuts a number into digits and the digi
 digits touch, a wrong cut makes a wrong digit or a wrong count. The line reader looks at the whole line and
 says how many digits it holds and which, without cutting (Graves et al. 2006, "Connectionist Temporal
 Classification"; the network is a CRNN-style stack of convolutions, Shi et al. 2015, without the recurrence).
-:func:`recognize.read_number` combines the two. Trained by :mod:`deepdigits.linetrain` on numbers written
+A reader may hold several such networks trained apart (``members``): each reads the line, and the number read
+is the one most likely under their mixture (the mean of their calibrated probabilities), scored whole, since
+two CTC networks need not name a digit at the same step. :func:`recognize.read_number` combines it with the
+segmenter. Trained by :mod:`deepdigits.linetrain` on numbers written
 from MNIST training digits; shipped in ``builtin/line-reader``. Weights are safetensors, the document JSON,
 both checked on load.
 """
@@ -38,6 +41,7 @@ STRIDE = 4  # input columns per output step
 BLANK = 0  # CTC's "no digit here" class; digit d is class d + 1
 MARK = 11  # in a reader trained with marks: a letter, symbol or scribble written among the digits, read "?"
 NEVER_MARK = 1.01  # a mark level no probability reaches: the reader's "?" never outweighs a sure digit
+MAX_MEMBERS = 4  # networks in one reader
 
 
 class LineNet(nn.Module):
@@ -114,8 +118,9 @@ class LineReading:
     probabilities: np.ndarray  # (digits, 10): each digit's distribution over 0-9, calibrated
     columns: list[tuple[int, int]]  # each digit's columns [start, stop) in the ink map given to ``read``
     log_probability: float  # log P(number | line) summed over CTC's alignments, calibrated
-    log_probs: torch.Tensor | None = None  # (steps, classes) read from: scores other numbers without rerunning
-    marks: np.ndarray | None = None  # (digits,) each one's probability of being a mark, where it was surest
+    # (steps, classes) read from, or (networks, steps, classes) for several: scores other numbers without rerunning
+    log_probs: torch.Tensor | None = None
+    marks: np.ndarray | None = None  # (digits,) each one's probability of being a mark
 
     def log_likelihood(self, number: str) -> float:
         """log P(``number`` | the line read), as ``log_probability`` is for the number read."""
@@ -137,6 +142,16 @@ class _Combine(BaseModel):
     mark: Annotated[float, Field(ge=0.0, le=NEVER_MARK)] = NEVER_MARK  # a mark's probability outweighing a digit
 
 
+class _Member(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    file: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}\.safetensors$")]  # beside reader.json
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    temperature: Annotated[float, Field(gt=0.05, lt=20.0)]
+    training: dict = {}  # how it was trained, and how it read held-out lines: as the first's are described
+    held_out: dict = {}
+
+
 class _Document(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -148,44 +163,65 @@ class _Document(BaseModel):
     temperature: Annotated[float, Field(gt=0.05, lt=20.0)]
     marks: bool = False  # trained to read letters, symbols and scribbles among the digits as "?"
     combine: _Combine | None = None  # how recognize.combine weighs the two readers (fit on held-out numbers)
+    # further networks of the same shape, trained apart, read with the first (its weights and temperature above)
+    members: Annotated[list[_Member], Field(max_length=MAX_MEMBERS - 1)] = []
 
 
 class LineReader:
-    """A trained :class:`LineNet` with its calibration: ``read`` an ink map, ``log_likelihood`` of a number."""
+    """Trained :class:`LineNet` s with their calibration: ``read`` an ink map, ``log_likelihood`` of a number."""
 
-    def __init__(self, net: LineNet, document: dict) -> None:
+    def __init__(self, net: LineNet, document: dict, members: list[tuple[LineNet, float]] | None = None) -> None:
         self.net = net.eval()
         self.document = document
         self.temperature = float(document["temperature"])
+        self.members = [(net, self.temperature)] + [(other.eval(), float(t)) for other, t in members or []]
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> LineReader:
-        """Load from a folder holding ``reader.json`` and its ``reader.safetensors``, both checked."""
-        from .bundle import _read_json, load_weights
+        """Load from a folder holding ``reader.json`` and its safetensors files, all checked."""
+        from .bundle import _read_json
 
         folder = Path(folder)
         path = folder / DOCUMENT_FILE
         checked = check_document(_read_json(path), path)
-        name = checked["weights"].get("file", WEIGHTS_FILE)
-        state = load_weights(folder, name, checked["weights"].get("sha256"))
+        first = cls._network(folder, checked, checked["weights"].get("file", WEIGHTS_FILE),
+                             checked["weights"].get("sha256"))
+        members = [(cls._network(folder, checked, m["file"], m["sha256"]), m["temperature"])
+                   for m in checked["members"]]
+        return cls(first, checked, members)
+
+    @staticmethod
+    def _network(folder: Path, checked: dict, name: str, sha256: str | None) -> LineNet:
+        """One network of the reader from its safetensors file beside reader.json, checked."""
+        from .bundle import load_weights
+
+        state = load_weights(folder, name, sha256)
         net = LineNet(tuple(checked["channels"]), checked["context"], checked["marks"])  # type: ignore[arg-type]
         try:
             net.load_state_dict({k: v.float() for k, v in state.items()})
         except RuntimeError:
-            raise BundleError(f"{folder / name}: tensors do not fit the network {path} describes") from None
-        return cls(net, checked)
+            raise BundleError(f"{folder / name}: tensors do not fit the network "
+                              f"{folder / DOCUMENT_FILE} describes") from None
+        return net
 
     def log_probs(self, line: np.ndarray) -> torch.Tensor:
-        """Calibrated log-probabilities (steps, classes) of one :func:`line_image`."""
+        """Calibrated log-probabilities (steps, classes) of one :func:`line_image`, by the first network."""
+        return self.member_log_probs(line)[0]
+
+    def member_log_probs(self, line: np.ndarray) -> torch.Tensor:
+        """Calibrated log-probabilities (networks, steps, classes) of one :func:`line_image`, by each network."""
         x = torch.from_numpy(line.astype(np.float32) / 255.0)[None, None]
         with torch.no_grad():
-            logits = self.net(x)[0].T
-        return F.log_softmax(logits / self.temperature, dim=1)
+            return torch.stack([F.log_softmax(net(x)[0].T / temperature, dim=1)
+                                for net, temperature in self.members])
 
     def read(self, ink: np.ndarray, box: tuple[int, int, int, int] | None = None) -> LineReading:
         """Read the number in ``ink`` (an ink map; ``box`` limits it to the number's part)."""
         line = line_image(ink, box)
-        log_probs = self.log_probs(line)
+        log_probs = self.member_log_probs(line)
+        if len(log_probs) > 1:
+            return self._read_together(ink, box, line, log_probs)
+        log_probs = log_probs[0]
         digits, spans = greedy_decode(log_probs.numpy())
         probabilities = np.zeros((len(digits), 10), np.float64)
         marks = np.zeros(len(digits), np.float64)
@@ -197,27 +233,61 @@ class LineReader:
             probabilities[k] = torch.softmax(digit_logs, dim=0).numpy()
             if log_probs.shape[1] > MARK:
                 marks[k] = float(log_probs[step, MARK].exp())
-        number = "".join("?" if d == MARK - 1 else str(d) for d in digits)
+        number = _number(digits)
         return LineReading(number, probabilities, self._columns(ink, box, line, spans),
                            self.score(log_probs, number), log_probs, marks)
 
+    def _read_together(self, ink: np.ndarray, box: tuple[int, int, int, int] | None, line: np.ndarray,
+                       log_probs: torch.Tensor) -> LineReading:
+        """Several networks: of the numbers each reads (best path), the one likeliest under their mixture; each
+        digit's distribution, and its chance of being a mark, from the mixture's likelihoods of the number with
+        that digit changed (the others kept), since each network names a digit at its own steps."""
+        paths = [greedy_decode(member.numpy()) for member in log_probs]
+        readings = {_number(digits): spans for digits, spans in reversed(paths)}  # the first network's spans first
+        candidates = sorted(readings)
+        scores = self.scores(log_probs, candidates)
+        number = candidates[int(np.argmax(scores))]
+        symbols = "0123456789?" if log_probs.shape[2] > MARK else "0123456789"
+        changed = [number[:k] + symbol + number[k + 1 :] for k in range(len(number)) for symbol in symbols]
+        table = torch.from_numpy(self.scores(log_probs, changed)).reshape(len(number), len(symbols))
+        probabilities = torch.softmax(table[:, :10], dim=1).numpy()
+        marks = (torch.softmax(table, dim=1)[:, 10].numpy() if len(symbols) > 10
+                 else np.zeros(len(number), np.float64))
+        return LineReading(number, probabilities, self._columns(ink, box, line, readings[number]),
+                           float(np.max(scores)), log_probs, marks)
+
     def log_likelihood(self, ink: np.ndarray, number: str, box: tuple[int, int, int, int] | None = None) -> float:
         """log P(``number`` | the line) under the reader, summed over CTC's alignments (calibrated)."""
-        return self.score(self.log_probs(line_image(ink, box)), number)
+        return self.score(self.member_log_probs(line_image(ink, box)), number)
 
     @staticmethod
     def score(log_probs: torch.Tensor, number: str) -> float:
-        """log P(``number``) under CTC for a line's log-probabilities (steps, classes); "?" is a mark, impossible
-        (-inf) for a reader trained without them, as is anything but digits."""
-        if not number:
-            return float(log_probs[:, BLANK].sum())
-        known = "0123456789?" if log_probs.shape[1] > MARK else "0123456789"
-        if not all(c in known for c in number):
-            return -math.inf
-        targets = torch.tensor([MARK if c == "?" else int(c) + 1 for c in number], dtype=torch.long)
-        loss = F.ctc_loss(log_probs.double()[:, None], targets[None], torch.tensor([len(log_probs)]),
-                          torch.tensor([len(targets)]), blank=BLANK, reduction="sum", zero_infinity=False)
-        return -float(loss)
+        """log P(``number``) under CTC for a line's log-probabilities (steps, classes), or under the mixture of
+        several networks' (networks, steps, classes); "?" is a mark, impossible (-inf) for a reader trained
+        without them, as is anything but digits."""
+        return float(LineReader.scores(log_probs, [number])[0])
+
+    @staticmethod
+    def scores(log_probs: torch.Tensor, numbers: list[str]) -> np.ndarray:
+        """:meth:`score` of each of ``numbers``, in one CTC pass over every network."""
+        stacked = log_probs.double() if log_probs.dim() == 3 else log_probs.double()[None]
+        networks, steps, classes = stacked.shape
+        known = "0123456789?" if classes > MARK else "0123456789"
+        out = np.full(len(numbers), -math.inf)
+        valid = [k for k, number in enumerate(numbers) if all(c in known for c in number)]
+        if not valid:
+            return out
+        longest = max(1, *(len(numbers[k]) for k in valid))
+        targets = torch.zeros((len(valid), longest), dtype=torch.long)
+        for row, k in enumerate(valid):
+            targets[row, : len(numbers[k])] = torch.tensor([MARK if c == "?" else int(c) + 1 for c in numbers[k]])
+        lengths = torch.tensor([len(numbers[k]) for k in valid])
+        every = stacked.repeat_interleave(len(valid), dim=0).permute(1, 0, 2)  # (steps, networks x numbers, classes)
+        loss = F.ctc_loss(every, targets.repeat(networks, 1), torch.full((networks * len(valid),), steps),
+                          lengths.repeat(networks), blank=BLANK, reduction="none", zero_infinity=False)
+        mixed = torch.logsumexp(-loss.reshape(networks, len(valid)), dim=0) - math.log(networks)
+        out[valid] = mixed.numpy()
+        return out
 
     @staticmethod
     def _columns(ink: np.ndarray, box: tuple[int, int, int, int] | None, line: np.ndarray,
@@ -239,6 +309,11 @@ class LineReader:
             b = origin + (stop * STRIDE - 2) * scale * squeeze
             out.append((max(left, round(a)), max(left, round(b))))
         return out
+
+
+def _number(digits: list[int]) -> str:
+    """Decoded classes as text: the digits, "?" for a mark."""
+    return "".join("?" if d == MARK - 1 else str(d) for d in digits)
 
 
 def check_document(document: object, path: Path) -> dict:

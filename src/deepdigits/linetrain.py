@@ -1,24 +1,26 @@
 """Train the line reader (:mod:`deepdigits.linereader`) on numbers written from MNIST training digits.
 
     deepdigits train --recipe best --out runs/best-held-out --seed 0      # never sees the last 2,000
-    python -m deepdigits.linetrain --out src/deepdigits/builtin/line-reader --digit-model runs/best-held-out
-    python -m deepdigits.linetrain --out src/deepdigits/builtin/line-reader --digit-model runs/best-held-out \
-        --fine-tune 16000                                                  # then on photographed numbers
-    python -m deepdigits.linetrain --out src/deepdigits/builtin/line-reader --digit-model runs/best-held-out \
-        --fit-only --numbers 600                                           # the combination, on 3,000 numbers
+    python -m deepdigits.linetrain --out runs/line-1 --seed 1               # 600,000 lines, 4 epochs
+    python -m deepdigits.linetrain --out runs/line-1 --fine-tune 16000 --seed 7   # then photographed numbers
+    python -m deepdigits.linetrain --out runs/line-2 --seed 2               # a second network, trained apart
+    python -m deepdigits.linetrain --out runs/line-2 --fine-tune 16000 --seed 8
+    python -m deepdigits.linetrain --out src/deepdigits/builtin/line-reader --join runs/line-1 runs/line-2 \
+        --digit-model runs/best-held-out --numbers 600                    # read together; the combination fit
 
 Lines of 1-8 digits are written by :func:`synthetic.number_line_ink` from the first 58,000 training images;
 the temperature is fit on lines written from the last 2,000 (``calibrate.HOLDOUT``), which the reader never
 trains on, and :func:`fit_combination` fits how it and the segmenter are combined on photographed numbers of
-those 2,000 too. The test set is never looked at. The shipped reader: 600,000 lines, 15% of them with a
-letter, symbol or scribble among the digits (read "?"), 4 epochs, seed 1 (25 minutes on 2 threads of an AMD EPYC,
+those 2,000 too. The test set is never looked at. Each shipped network: 600,000 lines, 15% of them with a
+letter, symbol or scribble among the digits (read "?"), 4 epochs (25 minutes on 2 threads of an AMD EPYC,
 bfloat16, after 516 s writing the lines in 2 processes), then fine-tuned (``--fine-tune``,
 :func:`fine_tune_line_reader`) on 16,000 numbers photographed as the benchmark photographs them, beside 8,000 ink
-lines, for 2 epochs, and its combination fit on 600 numbers per way of writing. The reader before it, 200,000
-lines for 6 epochs (the same fine-tuning), fit its training lines to a CTC loss of 0.0012 and longer training
-made it worse (250,000 lines for 8 epochs); three times the lines, each seen 4 times, end at 0.0090 and read
-96.75% of 2,000 photographed held-out numbers alone against 95.5% (benchmarks/RESULTS.md, "A line reader
-trained on three times the lines").
+lines, for 2 epochs. The two read together (:func:`join_readers`), their combination fit on 600 numbers per way
+of writing. The one network before them, 200,000 lines for 6 epochs (the same fine-tuning), fit its training
+lines to a CTC loss of 0.0012 and longer training made it worse (250,000 lines for 8 epochs); three times the
+lines, each seen 4 times, end at 0.0090 and read 96.75% of 2,000 photographed held-out numbers alone against
+95.5% (benchmarks/RESULTS.md, "A line reader trained on three times the lines", and "Two line readers read
+together").
 """
 
 from __future__ import annotations
@@ -303,6 +305,11 @@ def fine_tune_line_reader(folder: str | os.PathLike, photographed: int = 16_000,
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     reader = LineReader.load(folder)
+    if reader.document["members"]:
+        from .errors import BundleError
+
+        raise BundleError(f"{Path(folder) / DOCUMENT_FILE}: a reader of {len(reader.members)} networks; fine-tune "
+                          "each before joining them (--join)")
     net, document = reader.net, dict(reader.document)
     marks = float(document["training"].get("marks", 0.15)) if document.get("marks") else 0.0
     mnist = load_dataset("mnist", data_dir=data_dir)
@@ -369,22 +376,66 @@ def _fit_temperature(net: LineNet, check: Lines) -> tuple[float, dict]:
                                     "nll_before": _nll(logits, check, 1.0), "nll_after": float(fit.fun)}
 
 
-def save_reader(net: LineNet, document: dict, out: str | os.PathLike) -> Path:
-    """Write ``reader.safetensors`` and ``reader.json`` into ``out`` whole (``bundle.write_folder``); a reader
-    that would not load is refused before anything is swapped in."""
+def save_reader(net: LineNet, document: dict, out: str | os.PathLike,
+                members: list[tuple[LineNet, float, dict]] | None = None) -> Path:
+    """Write ``reader.safetensors`` and ``reader.json`` into ``out`` whole (``bundle.write_folder``), and each of
+    ``members`` (a network, its temperature, its ``training`` and ``held_out`` records) as ``reader-2.safetensors``
+    and on; a reader that would not load is refused before anything is swapped in."""
     from safetensors.torch import save_file
 
     from .bundle import file_sha256, write_folder
 
+    def weights(network: LineNet, path: Path) -> str:
+        save_file({k: v.detach().float().contiguous() for k, v in network.state_dict().items()
+                   if not k.endswith("num_batches_tracked")}, str(path))
+        return file_sha256(path)
+
     def fill(staging: Path) -> None:
-        weights = staging / WEIGHTS_FILE
-        save_file({k: v.detach().float().contiguous() for k, v in net.state_dict().items()
-                   if not k.endswith("num_batches_tracked")}, str(weights))
-        written = {**document, "weights": {"file": WEIGHTS_FILE, "sha256": file_sha256(weights)}}
+        written = {**document, "weights": {"file": WEIGHTS_FILE, "sha256": weights(net, staging / WEIGHTS_FILE)}}
+        written["members"] = []
+        for k, (other, temperature, records) in enumerate(members or [], start=2):
+            name = f"reader-{k}.safetensors"
+            written["members"].append({"file": name, "sha256": weights(other, staging / name),
+                                       "temperature": temperature, **records})
         (staging / DOCUMENT_FILE).write_text(json.dumps(written, indent=2) + "\n")
         LineReader.load(staging)  # what is saved loads
 
     return write_folder(out, fill, what="line reader")
+
+
+def join_readers(out: str | os.PathLike, folders: list[str | os.PathLike], log=print) -> dict:
+    """One reader of the networks of several trained apart (``linereader``: the number likeliest under their
+    mixture is read): the first's document, the others' networks beside its own, saved to ``out``. Their
+    combination with the segmenter is dropped; fit it again (:func:`fit_combination`).
+
+    Two readers trained alike from seeds 1 and 2 (600,000 lines each, fine-tuned on seeds 7 and 8): see
+    benchmarks/RESULTS.md, "Two line readers read together".
+    """
+    from .errors import BundleError
+    from .linereader import MAX_MEMBERS
+
+    readers = [LineReader.load(folder) for folder in folders]
+    first = readers[0]
+
+    def shape(reader: LineReader) -> tuple:
+        return tuple(reader.document["channels"]), reader.document["context"], reader.document["marks"]
+
+    for folder, reader in zip(folders[1:], readers[1:], strict=True):
+        if shape(reader) != shape(first):
+            raise BundleError(f"{Path(folder) / DOCUMENT_FILE}: a network of channels {shape(reader)[0]}, context "
+                              f"{shape(reader)[1]}, marks {shape(reader)[2]}; the first reader's is {shape(first)}")
+    members = []
+    for reader in readers:
+        records = [{key: reader.document.get(key, {}) for key in ("training", "held_out")},
+                   *({key: m[key] for key in ("training", "held_out")} for m in reader.document["members"])]
+        members += [(net, temperature, record)
+                    for (net, temperature), record in zip(reader.members, records, strict=True)]
+    if len(members) > MAX_MEMBERS:
+        raise BundleError(f"{len(members)} networks in all: a reader holds at most {MAX_MEMBERS}")
+    document = {k: v for k, v in first.document.items() if k not in ("combine", "members")}
+    save_reader(first.net, document, out, members[1:])
+    log(f"joined {len(members)} networks into {out} (their combination with the segmenter is to be fit again)")
+    return json.loads((Path(out) / DOCUMENT_FILE).read_text())
 
 
 def fit_combination(folder: str | os.PathLike, predictor=None, numbers: int = 100, seed: int = 1,
@@ -489,16 +540,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--marks", type=float, default=0.15, help="share of lines with a letter, symbol or "
                         "scribble among the digits, read as ? (0: digits only)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, help="seed of the lines and the training (default 1; with --fine-tune, 7)")
     parser.add_argument("--processes", type=int, default=2, help="processes writing the training lines")
     parser.add_argument("--data-dir")
     parser.add_argument("--digit-model", help="the digit model bundle the combination is fit with (default: the "
                         "built-in; one trained without the last 2,000 training images sees them as a user's)")
     parser.add_argument("--numbers", type=int, default=100, help="photographed numbers per way of writing, to fit "
                         "the combination")
-    parser.add_argument("--fit-only", action="store_true", help="refit the combination of an existing reader")
-    parser.add_argument("--fine-tune", type=int, metavar="N", help="train the reader in --out further on N "
-                        "photographed numbers (and N/2 ink lines), then refit its combination")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--fit-only", action="store_true", help="refit the combination of an existing reader")
+    what.add_argument("--fine-tune", type=int, metavar="N", help="train the reader in --out further on N "
+                      "photographed numbers (and N/2 ink lines), then refit its combination")
+    what.add_argument("--join", nargs="+", metavar="DIR", help="make --out one reader of these readers' networks "
+                      "(trained apart; read together), then fit its combination")
     args = parser.parse_args(argv)
     for name, least in (("samples", 64), ("epochs", 1), ("processes", 1), ("numbers", 1), ("fine_tune", 64)):
         if getattr(args, name) is not None and getattr(args, name) < least:
@@ -513,10 +567,14 @@ def main(argv: list[str] | None = None) -> None:
     from .errors import DeepDigitsError
 
     try:
-        if args.fine_tune:
-            fine_tune_line_reader(args.out, args.fine_tune, args.fine_tune // 2, data_dir=args.data_dir)
+        if args.join:
+            join_readers(args.out, args.join)
+        elif args.fine_tune:
+            fine_tune_line_reader(args.out, args.fine_tune, args.fine_tune // 2, data_dir=args.data_dir,
+                                  seed=7 if args.seed is None else args.seed)
         elif not args.fit_only:
-            train_line_reader(args.out, args.samples, args.epochs, args.seed, args.data_dir, marks=args.marks,
+            train_line_reader(args.out, args.samples, args.epochs, 1 if args.seed is None else args.seed,
+                              args.data_dir, marks=args.marks,
                               processes=args.processes)
         predictor = None
         if args.digit_model:
