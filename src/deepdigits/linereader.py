@@ -168,12 +168,14 @@ class _Document(BaseModel):
 
 
 class LineReader:
-    """Trained :class:`LineNet` s with their calibration: ``read`` an ink map, ``log_likelihood`` of a number."""
+    """One or more trained :class:`LineNet` with their calibration: ``read`` an ink map, ``log_likelihood`` of a
+    number."""
 
     def __init__(self, net: LineNet, document: dict, members: list[tuple[LineNet, float]] | None = None) -> None:
         self.net = net.eval()
         self.document = document
         self.temperature = float(document["temperature"])
+        # every network with its temperature, the first included
         self.members = [(net, self.temperature)] + [(other.eval(), float(t)) for other, t in members or []]
 
     @classmethod
