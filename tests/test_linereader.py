@@ -15,6 +15,7 @@ from deepdigits.linereader import (
     FORMAT,
     FORMAT_VERSION,
     MARK,
+    MAX_CHANGED_DIGITS,
     MAX_LINE_WIDTH,
     WEIGHTS_FILE,
     LineNet,
@@ -191,6 +192,15 @@ def test_two_networks_read_the_number_likeliest_under_their_mixture(tmp_path):
     unsure = told([0, 3, 0, 2, 0, 5, 0, 0, 0, 0], sure=0.4)  # reads "214", barely
     reader.member_log_probs = lambda line: torch.stack([unsure, second])  # type: ignore[method-assign]
     assert reader.read(np.ones((20, 60), np.float32)).number == "2?4"
+    # a reading longer than MAX_CHANGED_DIGITS takes each digit's distribution from the network that read it
+    long = told([label for d in range(MAX_CHANGED_DIGITS + 4) for label in (0, d % 10 + 1)])
+    reader.member_log_probs = lambda line: torch.stack([long, long])  # type: ignore[method-assign]
+    reading = reader.read(np.ones((20, 60), np.float32))
+    reader.member_log_probs = lambda line: long[None]  # type: ignore[method-assign]
+    alone = reader.read(np.ones((20, 60), np.float32))
+    assert reading.number == alone.number == "".join(str(d % 10) for d in range(MAX_CHANGED_DIGITS + 4))
+    assert np.array_equal(reading.probabilities, alone.probabilities) and np.array_equal(reading.marks, alone.marks)
+    assert reading.log_probability == pytest.approx(alone.log_probability)  # the mixture of twins
 
 
 def _ink(mnist, picks, seed, **options) -> tuple[str, np.ndarray]:
