@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
 from .calibrate import HOLDOUT
+from .errors import BundleError, DeepDigitsError
 from .linereader import (
     BLANK,
     DOCUMENT_FILE,
@@ -47,6 +48,7 @@ from .linereader import (
     FORMAT_VERSION,
     LINE_HEIGHT,
     MARK,
+    MAX_MEMBERS,
     NEVER_MARK,
     STRIDE,
     WEIGHTS_FILE,
@@ -306,8 +308,6 @@ def fine_tune_line_reader(folder: str | os.PathLike, photographed: int = 16_000,
     rng = np.random.default_rng(seed)
     reader = LineReader.load(folder)
     if reader.document["members"]:
-        from .errors import BundleError
-
         raise BundleError(f"{Path(folder) / DOCUMENT_FILE}: a reader of {len(reader.members)} networks; fine-tune "
                           "each before joining them (--join)")
     net, document = reader.net, dict(reader.document)
@@ -411,9 +411,6 @@ def join_readers(out: str | os.PathLike, folders: list[str | os.PathLike], log=p
     Two readers trained alike from seeds 1 and 2 (600,000 lines each, fine-tuned on seeds 7 and 8): see
     benchmarks/RESULTS.md, "Two line readers read together".
     """
-    from .errors import BundleError
-    from .linereader import MAX_MEMBERS
-
     readers = [LineReader.load(folder) for folder in folders]
     first = readers[0]
 
@@ -564,8 +561,6 @@ def main(argv: list[str] | None = None) -> None:
                      f"on one core), got {args.fine_tune:,}")
     if not 0.0 <= args.marks < 1.0:
         parser.error(f"--marks: expected a share from 0 up to 1, got {args.marks}")
-    from .errors import DeepDigitsError
-
     try:
         if args.join:
             join_readers(args.out, args.join)
