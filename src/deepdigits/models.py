@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import fused
+from . import fused, liverows
 from .errors import DeepDigitsError
 
 INPUT_SHAPE = (1, 28, 28)  # every network takes (N, 1, 28, 28) floats; dense ones flatten first
@@ -159,12 +159,17 @@ class FusedSequential(nn.Sequential):
     3x3 convolution, ``PooledReLU`` and ``MaxPoolReLU(2)`` as one kernel; ReLU then ``Dropout`` in training as
     one, and ``MaxPoolReLU(2)``, ``Flatten`` and ``Dropout`` likewise; Linear layers through the bfloat16 copies
     a ``fused.Bf16Adam`` or ``Bf16RMSprop`` keeps, inside its training steps. The same layers, parameter names
-    and function."""
+    and function. In training, a chain of Linear and ReLU layers (after any ``Flatten``) that no weight copies
+    serve runs as one ``liverows.chain``, whose backward pass skips the batch rows without a gradient."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         copies = fused.active_copies() if self.training and torch.is_grad_enabled() else None
         layers = list(self)
         i = 0
+        while i < len(layers) and type(layers[i]) is nn.Flatten:
+            x, i = layers[i](x), i + 1
+        if self.training and copies is None and liverows.can_run(layers[i:], x):
+            return liverows.chain(layers[i:], x)
         if (len(layers) >= 3 and type(layers[0]) is nn.Conv2d and type(layers[1]) is PooledReLU
                 and type(layers[2]) is MaxPoolReLU and fused.can_fuse(layers[0], layers[2], x)):
             x, i = fused.conv_pool_relu(layers[0], x), 3
@@ -192,7 +197,7 @@ class FusedSequential(nn.Sequential):
 
 @register("tutorial-000", "Dense 784 relu, Dense 32 relu, Dense 10 softmax", aliases=("mlp-784-32",))
 def _tutorial_000() -> nn.Sequential:
-    return nn.Sequential(
+    return FusedSequential(
         nn.Flatten(),
         nn.Linear(784, 784), nn.ReLU(),
         nn.Linear(784, 32), nn.ReLU(),
