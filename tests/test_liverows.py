@@ -55,8 +55,16 @@ def test_rows_without_gradient_are_skipped_and_the_gradients_agree(bf16: bool) -
     def loss(z: torch.Tensor) -> torch.Tensor:  # only four rows reach the loss: the other 196 get exact zeros
         return (z[live] ** 2).mean() / 1e6
 
-    _, grads = _gradients(net, x, loss, bf16)
+    gathered = []
+    keep = liverows._rows_to_keep
+    liverows._rows_to_keep = lambda grad: gathered.append(keep(grad)) or gathered[-1]
+    try:
+        logits, grads = _gradients(net, x, loss, bf16)
+    finally:
+        liverows._rows_to_keep = keep
     _, ref_grads = _gradients(plain, x, loss, bf16)
+    assert "_Chain" in (logits.grad_fn.name() + "".join(f[0].name() for f in logits.grad_fn.next_functions if f[0]))
+    assert len(gathered) == 1 and len(gathered[0]) == 32 and {3, 50, 51, 199} <= set(gathered[0].tolist())
     tolerance = 1e-2 if bf16 else 1e-5  # one bfloat16 rounding of the float32 sums in a different grouping
     for g, r in zip(grads, ref_grads, strict=True):
         assert g.shape == r.shape
@@ -93,15 +101,22 @@ def test_what_runs_as_a_chain() -> None:
     assert not liverows.can_run(layers, _pixels(8).to(torch.bfloat16))  # bfloat16 images without autocast
 
 
-def test_evaluation_and_dropout_networks_do_not_use_the_chain() -> None:
-    net = build_model("tutorial-000").eval()
+def test_only_tutorial_000_in_training_uses_the_chain() -> None:
+    net = build_model("tutorial-000")
+    assert net.live_rows and net.train()(_pixels(4)).grad_fn.name() == "_ChainBackward"
+    assert net.eval()(_pixels(4)).grad_fn.name() == "AddmmBackward0"  # evaluation with gradients on
+    for name in ("tutorial-001", "tutorial-004"):  # dense FusedSequentials whose losses give every row a gradient
+        other = build_model(name).train()
+        assert isinstance(other, FusedSequential) and not other.live_rows
+        assert "_Chain" not in other(_pixels(4) / 255).grad_fn.name()
+
+
+def test_a_hooked_layer_keeps_autograds_path() -> None:
+    net = build_model("tutorial-000").train()
+    seen = []
+    net[3].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
     assert net(_pixels(4)).grad_fn.name() == "AddmmBackward0"
-    net.train()
-    with torch.no_grad():
-        assert net(_pixels(4)).grad_fn is None
-    with_dropout = build_model("tutorial-001").train()
-    assert isinstance(with_dropout, FusedSequential)
-    assert "_Chain" not in with_dropout(_pixels(4) / 255).grad_fn.name()
+    assert seen == [torch.Size([4, 32])]
 
 
 def test_tutorial_000_learns_through_the_chain_with_its_clipped_loss(mnist, monkeypatch) -> None:

@@ -18,10 +18,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def is_chain(layers: list[nn.Module]) -> bool:
-    """Whether ``layers`` are Linear, ReLU, Linear, ..., Linear (plain layers, float32 weights with biases)."""
+    """Whether ``layers`` are Linear, ReLU, Linear, ..., Linear (plain layers without hooks, float32 weights with
+    biases)."""
     if len(layers) < 1 or len(layers) % 2 == 0:
         return False
     for i, layer in enumerate(layers):
+        if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks or layer._backward_pre_hooks:
+            return False  # the chain never calls the layers, so their hooks would not run
         if i % 2:
             if type(layer) is not nn.ReLU:
                 return False
