@@ -206,7 +206,7 @@ def _tutorial_000() -> nn.Sequential:
         nn.Linear(784, 32), nn.ReLU(),
         nn.Linear(32, N_CLASSES),
     )
-    network.live_rows = True  # its recipe's clipped loss leaves 90-99% of rows without a gradient (liverows)
+    network.live_rows = True  # its recipe's clipped loss leaves most rows without a gradient (liverows)
     return network
 
 
