@@ -157,8 +157,8 @@ def variant(name: str, tutorial: str, ds) -> tuple[train.TrainingRun, object, bo
         run.x = run.float_x if run.float_x is not None else run.x
     elif name == "torch-ops":  # no fused kernels: torch's layers, torch's Adam, autocast casting the weights
         run.network = nn.Sequential(*run.network)
-        if isinstance(run.optimizer, fused.Bf16Adam | fused.Bf16RMSprop):
-            name = "adam" if isinstance(run.optimizer, fused.Bf16Adam) else "rmsprop"
+        if isinstance(run.optimizer, fused.WeightCopies):
+            name = {fused.Bf16Adam: "adam", fused.Bf16RMSprop: "rmsprop", fused.Bf16SGD: "sgd"}[type(run.optimizer)]
             run.optimizer = train.make_optimizer(name, run.network.parameters(), run.optimizer.param_groups[0]["lr"])
             run.autocast = run.autocast.autocast
     elif name not in ("recipe", "bf16", "float32", "sync-every-step", "1-thread", "fp32-bf16-math",

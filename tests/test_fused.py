@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepdigits import fused, train
+from deepdigits import fused, liverows, train
 from deepdigits.device import native_bf16
 from deepdigits.models import FusedSequential, MaxPoolReLU, PooledReLU, build_model
 
@@ -400,6 +400,50 @@ def test_tutorial_001_trains_through_the_copies_and_learns(mnist):
     test = torch.from_numpy(mnist.x_test[:1000]).float().div(255).view(-1, 1, 28, 28)
     accuracy = (net(test).argmax(1).numpy() == mnist.y_test[:1000]).mean()
     assert accuracy > 0.89  # 0.907 here, and 0.907 through torch's Adam and autocast (DEEPDIGITS_FUSED=0)
+
+
+def _prepared_000(x: torch.Tensor, y: torch.Tensor) -> train.TrainingRun:
+    return train.prepare(build_model("tutorial-000", seed=0), x, y, optimizer="sgd", learning_rate=0.01,
+                         batch_size=500, epochs=2, seed=0, loss="keras2-clipped-cross-entropy", weight_decay=0.0,
+                         schedule="constant", augment=False, label_smoothing=0.0, ema_decay=0.0, bf16=True,
+                         channels_last=False, verbose=0, device=None)
+
+
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="bfloat16 training only where the CPU computes it")
+def test_tutorial_000_steps_sgd_through_the_copies_bit_for_bit_as_torchs_sgd(mnist):
+    x = torch.from_numpy(mnist.x_train[:3000]).float().view(-1, 1, 28, 28)  # raw 0-255 pixels, as 000
+    y = torch.from_numpy(mnist.y_train[:3000]).long()
+    ours, stock = _prepared_000(x, y), _prepared_000(x, y)
+    assert isinstance(ours.optimizer, fused.Bf16SGD)
+    stock.optimizer = torch.optim.SGD(stock.network.parameters(), lr=0.01)  # torch's SGD; autocast casts weights
+    stock.autocast = stock.autocast.autocast
+    chains = []
+    chain = liverows.chain
+    liverows.chain = lambda layers, x, weights=None: chains.append(weights is not None) or chain(layers, x, weights)
+    try:
+        for run in (ours, stock):
+            for epoch in range(2):
+                run.train_epoch(epoch)
+    finally:
+        liverows.chain = chain
+        ours.restore_settings()
+        stock.restore_settings()
+    assert chains == [True] * 12 + [False] * 12  # 6 steps an epoch: the copies, then the weights themselves
+    assert all(p.grad is None for p in ours.network.parameters())  # gradients came through the copies
+    for mine, theirs in zip(ours.network.parameters(), stock.network.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    assert not torch.equal(ours.network[1].weight, build_model("tutorial-000", seed=0)[1].weight)
+
+
+def test_bf16_sgd_only_for_plain_sgd_over_a_network_trained_through_live_rows():
+    net = build_model("tutorial-000", seed=0)
+    assert isinstance(fused.bf16_optimizer(net, torch.optim.SGD(net.parameters(), lr=0.01)), fused.Bf16SGD)
+    for opt in (torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9),
+                torch.optim.SGD(net.parameters(), lr=0.01, weight_decay=0.1)):
+        assert fused.bf16_optimizer(net, opt) is opt
+    dense = build_model("tutorial-004", seed=0)  # no live_rows
+    opt = torch.optim.SGD(dense.parameters(), lr=0.01)
+    assert fused.bf16_optimizer(dense, opt) is opt
 
 
 def test_disabled_or_unbuildable_means_torchs_operations_and_no_file_left(monkeypatch, tmp_path):

@@ -94,6 +94,7 @@ def library() -> ctypes.CDLL | None:
         "pool_relu_dropout_backward": ([integer, pointer, pointer, real, *[integer] * 4, pointer, integer], integer),
         "adam_bf16": ([*[pointer] * 5, length, *[real] * 6, integer], None),
         "rmsprop_bf16": ([*[pointer] * 4, length, *[real] * 3, integer], None),
+        "sgd_bf16": ([*[pointer] * 3, length, real, integer], None),
     }
     for name, (arguments, result) in signatures.items():
         function = getattr(lib, name)
@@ -326,7 +327,7 @@ def active_copies() -> dict[nn.Module, WeightCopy] | None:
     return getattr(_ACTIVE, "copies", None)
 
 
-class _WeightCopies:
+class WeightCopies:
     """What ``Bf16Adam`` and ``Bf16RMSprop`` share: a ``WeightCopy`` per Linear layer of the network, the context
     in which the forward pass uses them, and their gradients to clear and to read."""
 
@@ -372,7 +373,7 @@ class _WeightCopies:
         return any(p.grad is not None for group in self.param_groups for p in group["params"])
 
 
-class Bf16Adam(_WeightCopies, torch.optim.Adam):
+class Bf16Adam(WeightCopies, torch.optim.Adam):
     """``torch.optim.Adam`` for a dense network trained under bfloat16 autocast on the CPU: each step reads the
     bfloat16 gradients of the layers' ``WeightCopy`` and writes the float32 weights, Adam's moments and the
     bfloat16 copy in one pass of the fused kernel. Autocast's casts of the weights to bfloat16 and of their
@@ -400,7 +401,7 @@ class Bf16Adam(_WeightCopies, torch.optim.Adam):
         return super().step(closure) if self._own_gradients() else None
 
 
-class Bf16RMSprop(_WeightCopies, torch.optim.RMSprop):
+class Bf16RMSprop(WeightCopies, torch.optim.RMSprop):
     """``torch.optim.RMSprop`` (no momentum, not centred) as ``Bf16Adam`` is Adam: one pass of the fused kernel
     from the copies' bfloat16 gradients to the float32 weights, the mean square and the copies. RMSprop's own
     state (``step``, ``square_avg``)."""
@@ -423,6 +424,23 @@ class Bf16RMSprop(_WeightCopies, torch.optim.RMSprop):
         return super().step(closure) if self._own_gradients() else None
 
 
+class Bf16SGD(WeightCopies, torch.optim.SGD):
+    """``torch.optim.SGD`` (no momentum, no weight decay) as ``Bf16Adam`` is Adam: one pass of the fused kernel
+    from the copies' bfloat16 gradients to the float32 weights and the copies. For tutorial 000, whose chain
+    (``liverows``) then takes the copies: no cast of the weights to bfloat16 or of their gradients back."""
+
+    def __init__(self, network: nn.Module, lr: float):
+        super().__init__(network.parameters(), lr=lr, foreach=False)
+        self._copy_weights(network)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        lr, threads = float(self.param_groups[0]["lr"]), torch.get_num_threads()
+        for param, copy, grad in self._through_copies():
+            library().sgd_bf16(param.data_ptr(), grad.data_ptr(), copy.data_ptr(), param.numel(), lr, threads)
+        return super().step(closure) if self._own_gradients() else None
+
+
 class _CopiesInUse:
     """Autocast, and the layers' weight copies in use by the forward pass, for the length of a ``with``."""
 
@@ -442,7 +460,8 @@ class _CopiesInUse:
 def bf16_optimizer(network: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """A ``Bf16Adam`` or ``Bf16RMSprop`` in place of ``optimizer`` where it is plain Adam or RMSprop (one group, no
     weight decay, no momentum) over a ``FusedSequential`` of Linear layers on the CPU and the kernels could be
-    built; else ``optimizer`` itself."""
+    built, a ``Bf16SGD`` for plain SGD where the network trains through ``liverows`` (tutorial 000); else
+    ``optimizer`` itself."""
     from .models import FusedSequential
 
     if len(optimizer.param_groups) != 1 or optimizer.state:
@@ -461,4 +480,7 @@ def bf16_optimizer(network: nn.Module, optimizer: torch.optim.Optimizer) -> torc
         return Bf16Adam(network, lr=group["lr"], betas=group["betas"], eps=group["eps"])
     if isinstance(optimizer, torch.optim.RMSprop) and not group["momentum"] and not group["centered"]:
         return Bf16RMSprop(network, lr=group["lr"], alpha=group["alpha"], eps=group["eps"])
+    if (type(optimizer) is torch.optim.SGD and network.live_rows and not group["momentum"]
+            and not group["nesterov"]):
+        return Bf16SGD(network, lr=group["lr"])
     return optimizer

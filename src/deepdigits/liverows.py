@@ -101,8 +101,9 @@ class _Chain(torch.autograd.Function):
         return None, None, *grads
 
 
-def chain(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """``layers`` applied to ``x`` (check ``can_run`` first), in autocast's dtype, as one autograd node."""
+def chain(layers: list[nn.Module], x: torch.Tensor, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``layers`` applied to ``x`` (check ``can_run`` first), in autocast's dtype, as one autograd node; through
+    ``weights`` (each Linear's weight and bias, in order: bfloat16 copies that take the gradients) where given."""
     dtype = _compute_dtype(x)
-    params = [p for layer in layers[0::2] for p in (layer.weight, layer.bias)]
+    params = weights or [p for layer in layers[0::2] for p in (layer.weight, layer.bias)]
     return _Chain.apply(x, dtype, *params)

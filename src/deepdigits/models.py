@@ -158,10 +158,11 @@ class FusedSequential(nn.Sequential):
     """``nn.Sequential`` that runs on the CPU, where the kernels of ``fused`` could be built: a leading one-channel
     3x3 convolution, ``PooledReLU`` and ``MaxPoolReLU(2)`` as one kernel; ReLU then ``Dropout`` in training as
     one, and ``MaxPoolReLU(2)``, ``Flatten`` and ``Dropout`` likewise; Linear layers through the bfloat16 copies
-    a ``fused.Bf16Adam`` or ``Bf16RMSprop`` keeps, inside its training steps. The same layers, parameter names
-    and function. With ``live_rows`` set (tutorial 000, whose clipped loss zeroes most rows' gradients), a chain
-    of Linear and ReLU layers (after any ``Flatten``) that no weight copies serve trains as one
-    ``liverows.chain``, whose backward pass skips the batch rows without a gradient."""
+    a ``fused.Bf16Adam``, ``Bf16RMSprop`` or ``Bf16SGD`` keeps, inside its training steps. The same layers,
+    parameter names and function. With ``live_rows`` set (tutorial 000, whose clipped loss zeroes most rows'
+    gradients), a chain of Linear and ReLU layers (after any ``Flatten``) trains as one ``liverows.chain``, whose
+    backward pass skips the batch rows without a gradient (through a ``fused.Bf16SGD``'s copies where one serves
+    it)."""
 
     live_rows = False
 
@@ -171,8 +172,12 @@ class FusedSequential(nn.Sequential):
         i = 0
         while i < len(layers) and type(layers[i]) is nn.Flatten:
             x, i = layers[i](x), i + 1
-        if self.live_rows and self.training and copies is None and liverows.can_run(layers[i:], x):
-            return liverows.chain(layers[i:], x)
+        if self.live_rows and self.training:
+            weights = None  # the layers' own, or the bfloat16 copies a Bf16SGD keeps (and steps from)
+            if copies is not None and all(layer in copies for layer in layers[i::2]):
+                weights = [w for layer in layers[i::2] for w in copies[layer].current()]
+            if (copies is None or weights is not None) and liverows.can_run(layers[i:], x):
+                return liverows.chain(layers[i:], x, weights)
         if (len(layers) >= 3 and type(layers[0]) is nn.Conv2d and type(layers[1]) is PooledReLU
                 and type(layers[2]) is MaxPoolReLU and fused.can_fuse(layers[0], layers[2], x)):
             x, i = fused.conv_pool_relu(layers[0], x), 3

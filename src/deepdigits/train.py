@@ -327,7 +327,7 @@ class TrainingRun:
     batch_size: int
     augment: bool
     averaged: WeightAverage | None
-    autocast: AbstractContextManager  # torch.autocast, or a fused.Bf16Adam's (autocast and weight copies)
+    autocast: AbstractContextManager  # torch.autocast, or a fused.WeightCopies's (autocast and weight copies)
     progress: ProgressBar
     shuffle: torch.Generator
     augment_rng: torch.Generator
@@ -654,7 +654,7 @@ def prepare(network: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: 
         network=network, x=inputs, y=y, float_x=None if inputs is x else x, optimizer=opt, scheduler=scheduler,
         loss_fn=loss_fn, batch_size=batch_size,
         augment=augment, averaged=averaged,
-        autocast=opt.autocast(autocast) if isinstance(opt, fused.Bf16Adam | fused.Bf16RMSprop) else autocast,
+        autocast=opt.autocast(autocast) if isinstance(opt, fused.WeightCopies) else autocast,
         progress=ProgressBar(epochs, steps, verbose), shuffle=shuffle, augment_rng=augment_rng,
         history=History(precision=precision), last_good=copy.deepcopy(network.state_dict()),
         memory_format=memory_format, rank=rank, world_size=world_size,

@@ -405,3 +405,13 @@ void rmsprop_bf16(float *restrict param, const uint16_t *restrict grad, float *r
         copy[i] = bf16_of_weight(param[i]);
     }
 }
+
+/* SGD without momentum from bfloat16 gradients: the float32 weights and their bfloat16 copy in one pass. */
+void sgd_bf16(float *restrict param, const uint16_t *restrict grad, uint16_t *restrict copy, long n, float lr,
+              int threads) {
+    #pragma omp parallel for simd schedule(static) num_threads(threads) if (n >= 32768)
+    for (long i = 0; i < n; i++) {
+        param[i] -= lr * bf16_to_float(grad[i]);
+        copy[i] = bf16_of_weight(param[i]);
+    }
+}
