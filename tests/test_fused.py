@@ -426,8 +426,8 @@ def test_tutorial_000_steps_sgd_through_the_copies_bit_for_bit_as_torchs_sgd(mni
                 run.train_epoch(epoch)
     finally:
         liverows.chain = chain
+        stock.restore_settings()  # the later run first: each puts back what it found (threads, denormals)
         ours.restore_settings()
-        stock.restore_settings()
     assert chains == [True] * 12 + [False] * 12  # 6 steps an epoch: the copies, then the weights themselves
     assert all(p.grad is None for p in ours.network.parameters())  # gradients came through the copies
     for mine, theirs in zip(ours.network.parameters(), stock.network.parameters(), strict=True):
