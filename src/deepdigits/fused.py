@@ -328,8 +328,8 @@ def active_copies() -> dict[nn.Module, WeightCopy] | None:
 
 
 class WeightCopies:
-    """What ``Bf16Adam`` and ``Bf16RMSprop`` share: a ``WeightCopy`` per Linear layer of the network, the context
-    in which the forward pass uses them, and their gradients to clear and to read."""
+    """What ``Bf16Adam``, ``Bf16RMSprop`` and ``Bf16SGD`` share: a ``WeightCopy`` per Linear layer of the network,
+    the context in which the forward pass uses them, and their gradients to clear and to read."""
 
     copies: dict[nn.Module, WeightCopy]
 
