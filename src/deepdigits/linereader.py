@@ -212,14 +212,11 @@ class LineReader:
 
     def log_probs(self, line: np.ndarray) -> torch.Tensor:
         """Calibrated log-probabilities (steps, classes) of one :func:`line_image`, by the first network."""
-        return self.member_log_probs(line)[0]
+        return _log_probs(line, self.members[:1])[0]
 
     def member_log_probs(self, line: np.ndarray) -> torch.Tensor:
         """Calibrated log-probabilities (networks, steps, classes) of one :func:`line_image`, by each network."""
-        x = torch.from_numpy(line.astype(np.float32) / 255.0)[None, None]
-        with torch.no_grad():
-            return torch.stack([F.log_softmax(net(x)[0].T / temperature, dim=1)
-                                for net, temperature in self.members])
+        return _log_probs(line, self.members)
 
     def read(self, ink: np.ndarray, box: tuple[int, int, int, int] | None = None) -> LineReading:
         """Read the number in ``ink`` (an ink map; ``box`` limits it to the number's part)."""
@@ -249,7 +246,7 @@ class LineReader:
         if len(number) > MAX_CHANGED_DIGITS:
             probabilities, marks = _surest(log_probs[reader], spans)
         else:
-            symbols = "0123456789?" if log_probs.shape[2] > MARK else "0123456789"
+            symbols = _symbols(log_probs.shape[2])
             changed = [number[:k] + symbol + number[k + 1 :] for k in range(len(number)) for symbol in symbols]
             table = torch.from_numpy(self.scores(log_probs, changed)).reshape(len(number), len(symbols))
             probabilities = torch.softmax(table[:, :10], dim=1).numpy()
@@ -274,7 +271,7 @@ class LineReader:
         """:meth:`score` of each of ``numbers``, in one CTC pass over every network."""
         stacked = log_probs.double() if log_probs.dim() == 3 else log_probs.double()[None]
         networks, steps, classes = stacked.shape
-        known = "0123456789?" if classes > MARK else "0123456789"
+        known = _symbols(classes)
         out = np.full(len(numbers), -math.inf)
         valid = [k for k, number in enumerate(numbers) if all(c in known for c in number)]
         if not valid:
@@ -324,6 +321,18 @@ def _surest(log_probs: torch.Tensor, spans: list[tuple[int, int]]) -> tuple[np.n
         if log_probs.shape[1] > MARK:
             marks[k] = float(log_probs[step, MARK].exp())
     return probabilities, marks
+
+
+def _log_probs(line: np.ndarray, members: list[tuple[LineNet, float]]) -> torch.Tensor:
+    """Calibrated log-probabilities (networks, steps, classes) of one :func:`line_image` by ``members``."""
+    x = torch.from_numpy(line.astype(np.float32) / 255.0)[None, None]
+    with torch.no_grad():
+        return torch.stack([F.log_softmax(net(x)[0].T / temperature, dim=1) for net, temperature in members])
+
+
+def _symbols(classes: int) -> str:
+    """What a reader of ``classes`` outputs can read: the ten digits, and "?" where it was trained on marks."""
+    return "0123456789?" if classes > MARK else "0123456789"
 
 
 def _number(digits: list[int]) -> str:
