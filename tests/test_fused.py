@@ -3,6 +3,8 @@ torch's operations wherever the kernel cannot be built."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,42 @@ def _kernels_built():
     """Built inside the test (into the isolated cache conftest sets up), not at collection into the user's."""
     if fused.library() is None:
         pytest.skip("no C compiler here to build the fused kernels")
+
+
+def _has_avx2() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and " avx2 " in fused._cpu_signature() + " "
+
+
+@pytest.fixture(scope="module")
+def _avx2_library(tmp_path_factory):
+    """The kernels as an AVX2-only processor builds them (``-march=haswell``), built once for this module."""
+    if not _has_avx2():
+        pytest.skip("the AVX2 build runs only on an x86 processor with AVX2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "FLAGS", tuple("-march=haswell" if f == "-march=native" else f for f in fused.FLAGS))
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("avx2-kernels")))
+        library = fused.library.__wrapped__()
+    if library is None:
+        pytest.skip("this compiler cannot build for -march=haswell")
+    return library
+
+
+@pytest.fixture(params=["native", "avx2"])
+def each_build(request, monkeypatch):
+    """The test runs on this processor's build and on an AVX2-only processor's (8 lanes a vector, not 16): the
+    CI machines have AVX-512, so without it the AVX2 code would never run before a user's."""
+    if request.param == "avx2":
+        library = request.getfixturevalue("_avx2_library")
+        monkeypatch.setattr(fused, "library", lambda: library)
+
+
+@pytest.mark.usefixtures("each_build")
+def test_each_build_has_the_vector_width_its_processor_holds_in_one_register(request):
+    lanes = fused.library().kernel_lanes()
+    if request.node.callspec.params["each_build"] == "avx2":
+        assert lanes == 8
+    else:
+        assert lanes == (16 if " avx512f " in fused._cpu_signature() + " " else 8)
 
 
 def _layers(channels: int = 32, seed: int = 0) -> tuple[nn.Conv2d, PooledReLU, MaxPoolReLU]:
@@ -40,6 +78,7 @@ def _gradients(conv: nn.Conv2d, y: torch.Tensor, grad: torch.Tensor) -> tuple[to
     return conv.weight.grad.clone(), conv.bias.grad.clone()
 
 
+@pytest.mark.usefixtures("each_build")
 def test_bfloat16_autocast_forward_is_torchs_bit_for_bit(mnist):
     conv, _, _ = _layers()
     x = _images(mnist, dtype=torch.bfloat16)
@@ -51,6 +90,7 @@ def test_bfloat16_autocast_forward_is_torchs_bit_for_bit(mnist):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.usefixtures("each_build")
 def test_float32_forward_and_gradients_match_torch(mnist):
     conv, _, _ = _layers()
     x = _images(mnist)
@@ -65,6 +105,7 @@ def test_float32_forward_and_gradients_match_torch(mnist):
     assert torch.allclose(got_bias, bias_grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("each_build")
 def test_ties_go_to_the_first_of_the_window_as_in_torchs_max_pooling():
     # Integer images and kernels: every sum is exact, so windows tie often, with different patches under them.
     # Had the kernel picked another of the tied outputs, the kernel's gradient would differ by whole units.
@@ -87,6 +128,7 @@ def test_ties_go_to_the_first_of_the_window_as_in_torchs_max_pooling():
     assert torch.equal(got_weight, weight_grad) and torch.equal(got_bias, bias_grad)
 
 
+@pytest.mark.usefixtures("each_build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_comes_through_as_in_torch_so_a_diverging_run_is_seen(mnist, dtype):
     conv, _, _ = _layers()
@@ -107,6 +149,7 @@ def test_nan_comes_through_as_in_torch_so_a_diverging_run_is_seen(mnist, dtype):
     assert out[0::3].isnan().all() and not out[1::3].isnan().any()
 
 
+@pytest.mark.usefixtures("each_build")
 def test_bfloat16_gradients_agree_with_torchs_to_bfloat16_precision(mnist):
     conv, _, _ = _layers()
     x = _images(mnist, dtype=torch.bfloat16)
@@ -168,6 +211,7 @@ def test_a_fused_sequential_of_other_layers_runs_them_as_they_are(monkeypatch):
     assert net(torch.rand(4, 1, 28, 28)).shape == (4, 10)
 
 
+@pytest.mark.usefixtures("each_build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_relu_dropout_keeps_a_fifth_out_scales_the_rest_and_passes_gradients_where_kept(dtype):
     torch.manual_seed(0)
@@ -185,6 +229,7 @@ def test_relu_dropout_keeps_a_fifth_out_scales_the_rest_and_passes_gradients_whe
     assert not torch.equal(masks[0], masks[1])
 
 
+@pytest.mark.usefixtures("each_build")
 def test_relu_dropout_masks_follow_torchs_seed_and_not_the_length():
     # 64 values go through the vector path, the last 8 of 40 through the scalar one: the same draws either way
     ones = torch.ones(64)
@@ -201,6 +246,7 @@ def _torch_tail(x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(MaxPoolReLU(2)(x), 1)
 
 
+@pytest.mark.usefixtures("each_build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("size", [(11, 11), (12, 12), (10, 7)])
 def test_pool_relu_dropout_is_torchs_layers_with_a_mask_bit_for_bit(dtype, size):
@@ -222,6 +268,7 @@ def test_pool_relu_dropout_is_torchs_layers_with_a_mask_bit_for_bit(dtype, size)
     assert torch.equal(x.grad, same.grad) and x.grad.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.usefixtures("each_build")
 def test_pool_relu_dropout_ties_go_to_the_first_of_the_window_and_nan_comes_through():
     x = torch.zeros(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
     x[:, :, 0:2, 0:2] = 1.0  # a tie of four: the gradient goes to the top left, as torch's pooling sends it
@@ -235,6 +282,7 @@ def test_pool_relu_dropout_ties_go_to_the_first_of_the_window_and_nan_comes_thro
     assert torch.equal(x.grad[:, :, 0, 0] != 0, kept) and x.grad[:, :, 0:2, 0:2].sum() == 2 * kept.sum()
 
 
+@pytest.mark.usefixtures("each_build")
 def test_pool_relu_dropout_masks_follow_torchs_seed_not_the_threads():
     x = torch.rand(64, 32, 6, 6).contiguous(memory_format=torch.channels_last) + 0.1
     threads = torch.get_num_threads()

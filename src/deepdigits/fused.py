@@ -95,6 +95,7 @@ def library() -> ctypes.CDLL | None:
         "adam_bf16": ([*[pointer] * 5, length, *[real] * 6, integer], None),
         "rmsprop_bf16": ([*[pointer] * 4, length, *[real] * 3, integer], None),
         "sgd_bf16": ([*[pointer] * 3, length, real, integer], None),
+        "kernel_lanes": ([], integer),
     }
     for name, (arguments, result) in signatures.items():
         function = getattr(lib, name)
