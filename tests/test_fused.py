@@ -22,14 +22,15 @@ def _kernels_built():
         pytest.skip("no C compiler here to build the fused kernels")
 
 
-def _has_avx2() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64") and " avx2 " in fused._cpu_signature() + " "
+def _cpu_has(flag: str) -> bool:
+    """Whether this processor lists ``flag`` (an x86 extension) among its features."""
+    return platform.machine().lower() in ("x86_64", "amd64") and flag in fused._cpu_signature().split()
 
 
 @pytest.fixture(scope="module")
 def _avx2_library(tmp_path_factory):
     """The kernels as an AVX2-only processor builds them (``-march=haswell``), built once for this module."""
-    if not _has_avx2():
+    if not _cpu_has("avx2"):
         pytest.skip("the AVX2 build runs only on an x86 processor with AVX2")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fused, "FLAGS", tuple("-march=haswell" if f == "-march=native" else f for f in fused.FLAGS))
@@ -55,7 +56,7 @@ def test_each_build_has_the_vector_width_its_processor_holds_in_one_register(req
     if request.node.callspec.params["each_build"] == "avx2":
         assert lanes == 8
     else:
-        assert lanes == (16 if " avx512f " in fused._cpu_signature() + " " else 8)
+        assert lanes == (16 if _cpu_has("avx512f") else 8)
 
 
 def _layers(channels: int = 32, seed: int = 0) -> tuple[nn.Conv2d, PooledReLU, MaxPoolReLU]:
